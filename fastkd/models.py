@@ -1,0 +1,502 @@
+"""Models: timm students, frozen teachers, and the stage feature taps that distillers read.
+
+Everything goes through timm: `create_model` builds, `feature_info` describes the stages,
+and one `forward_intermediates` call taps the stages in the same forward that yields the
+logits. Stages 1..4 are found by introspection (`stage_info`), never from tables of names.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import inspect
+import math
+import pickle
+import types
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal, Sequence
+
+import timm
+import torch
+from timm.data import resolve_data_config
+from timm.layers import PatchEmbed
+from torch import Tensor, nn
+
+STAGES = (1, 2, 3, 4)
+# OFA-KD taps a 12-block isotropic model after blocks 2, 4, 10 and 12 (1-based).
+_ISOTROPIC_TAPS_OF_12 = (2, 4, 10, 12)
+_STATE_KEYS = ("state_dict", "model")
+_EMA_KEYS = ("state_dict_ema", "model_ema")
+# DDP / DataParallel and torch.compile wrap the model and prefix every key.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+Family = Literal["cnn", "vit", "mlp"]
+
+
+class TeacherHeadMismatch(ValueError):
+    """The teacher's classifier was trained for another number of classes than the data has."""
+
+
+# ---------------------------------------------------------------------------------- creation
+
+
+def create_student(name: str, num_classes: int, *, checkpoint: str | Path | None = None,
+                   pretrained: bool = False, **kwargs) -> nn.Module:
+    """A timm model. Keywords set to None keep the model's default (timm's `create_model`
+    drops them), so configs can carry optional keys. A `checkpoint` (e.g. ImageNet weights for
+    a CIFAR run) may have another head size: its head is then skipped with a warning."""
+    _check_one_weight_source(checkpoint, pretrained)
+    model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    if checkpoint is not None:
+        _load_weights(model, load_state_dict_file(checkpoint), checkpoint, reset_head=True)
+    return model
+
+
+def create_teacher(name: str, num_classes: int, *, checkpoint: str | Path | None = None,
+                   pretrained: bool = False, use_ema: bool = False, **kwargs) -> nn.Module:
+    """A frozen timm model in eval mode, weights from a local checkpoint (strict) or timm's
+    pretrained loading. A head of another class count raises `TeacherHeadMismatch`: timm would
+    silently give it a random head, and a teacher with a random head teaches noise."""
+    _check_one_weight_source(checkpoint, pretrained)
+    if use_ema and checkpoint is None:
+        raise ValueError("use_ema=True needs a teacher checkpoint that holds EMA weights")
+    if pretrained:
+        _check_pretrained_head(name, num_classes)
+    if checkpoint is None and not pretrained:
+        warnings.warn(f"teacher {name} has random weights (no checkpoint, pretrained=False): "
+                      "fine for smoke tests and benchmarks, useless for distillation", stacklevel=2)
+    model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    if checkpoint is not None:
+        state = load_state_dict_file(checkpoint, use_ema=use_ema)
+        _load_weights(model, state, checkpoint, reset_head=False)
+    return freeze(model)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """No gradients for the weights, eval mode, and a `train()` that keeps eval mode, so that
+    no trainer (nor a parent module's `train()`) can turn on dropout or BN statistic updates."""
+    model.requires_grad_(False)
+    model.eval()
+    model.train = types.MethodType(_stay_in_eval, model)
+    return model
+
+
+def _stay_in_eval(self: nn.Module, mode: bool = True) -> nn.Module:
+    return nn.Module.train(self, False)
+
+
+def _check_one_weight_source(checkpoint, pretrained: bool) -> None:
+    if checkpoint is not None and pretrained:
+        raise ValueError("give either a checkpoint or pretrained=True, not both")
+
+
+def _check_pretrained_head(name: str, num_classes: int) -> None:
+    """Checked from the registry before anything is downloaded."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    pretrained_classes = getattr(cfg, "num_classes", None)
+    if pretrained_classes and pretrained_classes != num_classes:
+        raise TeacherHeadMismatch(_head_mismatch_message(
+            f"timm's pretrained weights for {name}", pretrained_classes, num_classes))
+
+
+def _head_mismatch_message(source: str, source_classes: int, data_classes: int) -> str:
+    return (f"{source} have a {source_classes}-class head, but the data has {data_classes} "
+            f"classes. Fine-tune the teacher on this data set first and pass that checkpoint, "
+            f"or set num_classes={source_classes} if the labels are the same classes.")
+
+
+# ------------------------------------------------------------------------------- checkpoints
+
+
+def load_state_dict_file(path: str | Path, *, use_ema: bool = False) -> dict[str, Tensor]:
+    """The state dict in a local checkpoint, without DDP/compile key prefixes.
+
+    Layouts: a plain state dict, or one nested under 'state_dict' / 'model' (timm train.py,
+    DeiT, OFA-KD, torchvision references) or 'state_dict_ema' / 'model_ema' (their EMA
+    weights, preferred with `use_ema`). `.safetensors` files are read with safetensors, the
+    rest with `torch.load(weights_only=True)`; argparse.Namespace is allowed because timm's
+    train.py stores its `args` in every checkpoint.
+    """
+    path = Path(path)
+    raw = _read_checkpoint(path)
+    state = _nested_state_dict(raw, path, use_ema)
+    return {_strip_wrapper_prefixes(key): value for key, value in state.items()}
+
+
+def _read_checkpoint(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path), device="cpu")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{path} holds objects that torch.load(weights_only=True) refuses to "
+                         f"unpickle; save its state dict alone (torch.save(model.state_dict()))"
+                         ) from error
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, Tensor) for v in obj.values())
+
+
+def _nested_state_dict(raw, path: Path, use_ema: bool) -> dict[str, Tensor]:
+    found = sorted(map(str, raw))[:12] if isinstance(raw, dict) else type(raw).__name__
+    if use_ema:
+        for key in _EMA_KEYS:
+            if isinstance(raw, dict) and _is_state_dict(raw.get(key)):
+                return raw[key]
+        raise ValueError(f"{path}: use_ema=True but no EMA weights under {_EMA_KEYS}; "
+                         f"keys found: {found}")
+    if _is_state_dict(raw):
+        return raw
+    for key in _STATE_KEYS + _EMA_KEYS:
+        if isinstance(raw, dict) and _is_state_dict(raw.get(key)):
+            return raw[key]
+    raise ValueError(f"{path}: no state dict found (a dict of tensors, or one under "
+                     f"{_STATE_KEYS + _EMA_KEYS}); keys found: {found}")
+
+
+def _strip_wrapper_prefixes(key: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def _classifier_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the classifier(s) that `get_classifier()` returns (a tuple for
+    distilled DeiT, whose second head is `head_dist`)."""
+    heads = model.get_classifier()
+    heads = heads if isinstance(heads, tuple) else (heads,)
+    names = [name for name, module in model.named_modules() if any(module is h for h in heads)]
+    return {key for key in model.state_dict() for name in names if key.startswith(name + ".")}
+
+
+def _load_weights(model: nn.Module, state: dict[str, Tensor], path, *, reset_head: bool) -> None:
+    """Strict loading with readable errors. A head of the wrong size raises
+    `TeacherHeadMismatch`, or with `reset_head` keeps the model's fresh head."""
+    own = model.state_dict()
+    head = _classifier_keys(model)
+    wrong_head = sorted(k for k in head if k in state and state[k].shape != own[k].shape)
+    if wrong_head:
+        classes = next(state[k].shape[0] for k in wrong_head)
+        if not reset_head:
+            raise TeacherHeadMismatch(
+                _head_mismatch_message(f"the weights in {path}", classes, model.num_classes))
+        warnings.warn(f"{path} has a {classes}-class head and the data {model.num_classes} "
+                      f"classes: loading the rest, keeping a freshly initialised head",
+                      stacklevel=3)
+        state = {k: v for k, v in state.items() if k not in head}
+    problems = {
+        "wrong shape": [k for k in state if k in own and state[k].shape != own[k].shape],
+        "missing": [k for k in own if k not in state and not (wrong_head and k in head)],
+        "unexpected": [k for k in state if k not in own],
+    }
+    if any(problems.values()):
+        listed = "; ".join(f"{what} ({len(keys)}): {keys[:5]}"
+                           for what, keys in problems.items() if keys)
+        raise ValueError(f"{path} does not fit {type(model).__name__}: {listed}")
+    model.load_state_dict(state, strict=not wrong_head)
+
+
+# ------------------------------------------------------------------------ model introspection
+
+
+def model_data_config(model: nn.Module) -> dict:
+    """timm's `resolve_data_config` for the model: mean, std, input_size, crop_pct,
+    interpolation, crop_mode. A model built at another `img_size` than its pretrained config
+    (a small test Swin/Mixer) gets the size its patch embedding was built for, because its
+    pretrained config still names the default size and the model only accepts its own."""
+    config = resolve_data_config({}, model=model)
+    patch_embed = next((m for m in model.modules() if isinstance(m, PatchEmbed)), None)
+    img_size = getattr(patch_embed, "img_size", None)
+    if img_size is not None:
+        config["input_size"] = (config["input_size"][0], *img_size)
+    return config
+
+
+def _is_attention(module: nn.Module) -> bool:
+    # Attention *pooling* heads (CLIP ResNets) do not make a backbone a transformer.
+    name = type(module).__name__
+    return isinstance(module, nn.MultiheadAttention) or ("Attention" in name and "Pool" not in name)
+
+
+def model_family(model: nn.Module) -> Family:
+    """'vit' if any module is an attention layer (ViT, DeiT, Swin, hybrids), 'mlp' for patch
+    token models without attention (Mixer, ResMLP, gMLP), 'cnn' otherwise."""
+    modules = list(model.modules())
+    if any(_is_attention(m) for m in modules):
+        return "vit"
+    if any(isinstance(m, PatchEmbed) for m in modules):
+        return "mlp"
+    return "cnn"
+
+
+def num_prefix_tokens(model: nn.Module) -> int:
+    """Class/distillation/register tokens in front of the patch tokens (0 for CNN/MLP/Swin)."""
+    return int(getattr(model, "num_prefix_tokens", 0) or 0)
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """Stage `stage` (1..4) is `forward_intermediates` output `index`, produced by `module`."""
+    stage: int
+    index: int
+    module: str
+    channels: int
+    reduction: int
+    height: int
+    width: int
+
+
+def isotropic_stage_indices(depth: int) -> tuple[int, int, int, int]:
+    """Block indices (0-based) tapped as stages 1..4 of an isotropic model of `depth` blocks.
+
+    OFA-KD's positions scaled to the depth: round(D·k/12) − 1 for k = 2, 4, 10, 12, rounding
+    half up (12 blocks → 1, 3, 9, 11). Shallow models would repeat blocks, so each index is
+    pushed to at least the previous + 1, and capped to leave room for the stages after it:
+    four distinct blocks whenever D ≥ 4 (D = 4 → 0, 1, 2, 3). With D < 4 there are no four
+    blocks: stages take blocks 0, 1, … in order and the last block repeats (D = 3 → 0, 1, 2, 2).
+    """
+    if depth < 1:
+        raise ValueError(f"an isotropic model needs at least one block, got depth {depth}")
+    indices: list[int] = []
+    for stage, k in enumerate(_ISOTROPIC_TAPS_OF_12):
+        target = math.floor(depth * k / 12 + 0.5) - 1
+        lowest = indices[-1] + 1 if indices else 0
+        highest = depth - (4 - stage) if depth >= 4 else depth - 1
+        indices.append(min(max(target, lowest), highest))
+    return tuple(indices)
+
+
+def _feature_entries(model: nn.Module) -> list[dict]:
+    info = getattr(model, "feature_info", None)
+    entries = getattr(info, "info", info)  # a FeatureInfo object or timm's plain list
+    if not entries:
+        raise ValueError(f"{type(model).__name__} has no feature_info: stages cannot be found")
+    return list(entries)
+
+
+def _stage_taps(model: nn.Module) -> dict[int, tuple[int, dict]]:
+    """Stage → (forward_intermediates index, feature_info entry), from feature_info alone.
+
+    One reduction (ViT, Mixer, ResMLP: one entry per block): `isotropic_stage_indices`.
+    Several (ResNet, EfficientNet, ConvNeXt, Swin): the last entry of each of the four largest
+    reductions, which drops stride-2 stems and keeps a stage's final output. timm indexes
+    `forward_intermediates` by position in feature_info.
+    """
+    entries = _feature_entries(model)
+    reductions = sorted({entry["reduction"] for entry in entries})
+    if len(reductions) == 1:
+        positions = isotropic_stage_indices(len(entries))
+    elif len(reductions) >= 4:
+        positions = tuple(max(i for i, entry in enumerate(entries) if entry["reduction"] == r)
+                          for r in reductions[-4:])
+    else:
+        raise ValueError(f"{type(model).__name__}: feature_info reductions {reductions}; stages "
+                         f"1..4 need one reduction (isotropic) or at least four (hierarchical)")
+    return {stage: (i, entries[i]) for stage, i in zip(STAGES, positions)}
+
+
+def stage_info(model: nn.Module, input_size: Sequence[int] | None = None) -> dict[int, StageInfo]:
+    """Stages 1..4 of `model` at `input_size` (C, H, W; default: `model_data_config`).
+
+    Channels and spatial sizes come from one dummy forward (batch 1, eval, no_grad, on the
+    model's device), not from reduction arithmetic, which padding and patch sizes break.
+    The result is cached on the model, per input size.
+    """
+    size = tuple(input_size or model_data_config(model)["input_size"])
+    cache = model.__dict__.setdefault("_fastkd_stage_info", {})
+    if size not in cache:
+        taps = _stage_taps(model)
+        shapes = _probe_stage_shapes(model, sorted({i for i, _ in taps.values()}), size)
+        infos = {}
+        for stage, (index, entry) in taps.items():
+            channels, height, width = shapes[index]
+            if channels != entry["num_chs"]:
+                raise ValueError(f"{type(model).__name__}: forward_intermediates output {index} "
+                                 f"has {channels} channels, feature_info says {entry['num_chs']}")
+            infos[stage] = StageInfo(stage, index, entry["module"], channels,
+                                     entry["reduction"], height, width)
+        cache[size] = infos
+    return cache[size]
+
+
+def _probe_input(model: nn.Module, size: tuple) -> Tensor:
+    weight = next(model.parameters())
+    return torch.zeros(1, *size, device=weight.device, dtype=weight.dtype)
+
+
+def _probe_stage_shapes(model: nn.Module, indices: list[int], size: tuple) -> dict[int, tuple]:
+    # A dummy batch must not move BatchNorm statistics: probe in eval mode, then give every
+    # submodule back its own mode (a student may hold deliberately frozen, eval-mode parts).
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            maps = model.forward_intermediates(_probe_input(model, size), indices=indices,
+                                               output_fmt="NCHW", intermediates_only=True)
+    finally:
+        for module, training in modes:
+            module.training = training
+    return {index: tuple(fmap.shape[1:]) for index, fmap in zip(indices, maps)}
+
+
+def stage_module(model: nn.Module, info: StageInfo) -> nn.Module:
+    """The module whose output is stage `info.stage` (feature_info's module name: a ResNet
+    `layerN`, a ViT `blocks.i`, a Swin `layers.i`). Methods hook it to read the stage's input
+    or to change its output (PAT's prompts). Its raw output is the tapped stage up to layout:
+    ViT blocks give B×L×C tokens with the prefix in front, Swin stages B×H×W×C; the stage map
+    in `Features` is the same tensor reshaped to NCHW."""
+    return model.get_submodule(info.module)
+
+
+# --------------------------------------------------------------------------------- feature taps
+
+
+@dataclass
+class Features:
+    """What one forward gives a distiller."""
+    logits: Tensor | None  # B×K, None if not asked
+    pooled: Tensor | None  # B×D pre-logits, `forward_head(pre_logits=True)`
+    stages: dict[int, Tensor]  # stage (1..4) → B×C×H×W (token grids reshaped NCHW)
+    prefix: dict[int, Tensor]  # ViT only: stage → B×P×C prefix (class/dist) tokens
+
+
+@functools.lru_cache(maxsize=None)
+def _can_split_prefix(model_class: type) -> bool:
+    # Cached per class: inspect.signature costs tens of microseconds, every training step.
+    return "return_prefix_tokens" in inspect.signature(model_class.forward_intermediates).parameters
+
+
+def _returns_prefix_tokens(model: nn.Module) -> bool:
+    return num_prefix_tokens(model) > 0 and _can_split_prefix(type(model))
+
+
+def forward_features(model: nn.Module, x: Tensor, stages: Sequence[int], *,
+                     with_logits: bool = True) -> Features:
+    """Stage maps, pooled features and logits from ONE forward of `model`.
+
+    `forward_intermediates(indices, output_fmt='NCHW', intermediates_only=False)` returns the
+    final features along with the taps; `forward_head` turns them into pooled features and
+    logits. The head runs twice (pre-logits, then logits): cheap, and it works for every timm
+    head (distilled DeiT has two classifiers). With dropout in the head (student training),
+    pooled and logits see different dropout masks.
+    """
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise ValueError(f"stages must be among {STAGES}, got {sorted(unknown)}")
+    taps = {stage: index for stage, (index, _) in _stage_taps(model).items() if stage in stages}
+    stage_maps, prefix = {}, {}
+    if not taps:
+        final = model.forward_features(x)  # timm's forward_intermediates needs an index
+    else:
+        indices = sorted(set(taps.values()))
+        with_prefix = _returns_prefix_tokens(model)
+        options = {"return_prefix_tokens": True} if with_prefix else {}
+        final, taken = model.forward_intermediates(x, indices=indices, output_fmt="NCHW",
+                                                   intermediates_only=False, **options)
+        maps = dict(zip(indices, taken))
+        for stage, index in taps.items():
+            if with_prefix:  # ViT gives (patch grid, prefix tokens) pairs
+                stage_maps[stage], prefix[stage] = maps[index]
+            else:
+                stage_maps[stage] = maps[index]
+    pooled = model.forward_head(final, pre_logits=True)
+    logits = model.forward_head(final) if with_logits else None
+    return Features(logits=logits, pooled=pooled, stages=stage_maps, prefix=prefix)
+
+
+# ------------------------------------------------------------------------------------ teacher
+
+
+class Teacher:
+    """The frozen teacher, deliberately not an `nn.Module`: it can never land in a distiller's
+    parameters, state dict, checkpoint or DDP wrapper.
+
+    Runs under `torch.no_grad()` and autocast in `amp_dtype` (none for None / fp32). Not
+    `inference_mode`: its outputs feed losses that save them for backward (MSE, products), and
+    autograd refuses inference tensors there. `graph=True` keeps autograd on for methods whose
+    own modules sit inside or before the teacher (weights stay frozen). Logits and pooled
+    features come back in fp32 so losses see one dtype; stage maps stay in the compute dtype
+    (they are large; losses upcast). If the student's normalisation (`student_mean_std`)
+    differs from the teacher's pretrained config, inputs are re-normalised first.
+    """
+
+    def __init__(self, model: nn.Module, *, amp_dtype: torch.dtype | None,
+                 student_mean_std: tuple[Sequence[float], Sequence[float]] | None = None,
+                 channels_last: bool = False):
+        self.model = freeze(model)
+        self.amp_dtype = None if amp_dtype == torch.float32 else amp_dtype
+        self.channels_last = channels_last
+        self.family: Family = model_family(model)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        config = model_data_config(model)
+        self._renorm = _renormalization(student_mean_std, (config["mean"], config["std"]))
+
+    @property
+    def info(self) -> dict[int, StageInfo]:
+        """Stages at the teacher's own input size (`stage_info` for other sizes)."""
+        return stage_info(self.model)
+
+    def to(self, device: torch.device | str) -> Teacher:
+        self.model.to(device)
+        if self._renorm is not None:  # moved once here, not on every call
+            self._renorm = tuple(t.to(device) for t in self._renorm)
+        return self
+
+    def train(self, mode: bool = True) -> Teacher:
+        """Stays in eval mode whatever `mode` says (BN statistics and dropout stay off)."""
+        self.model.eval()
+        return self
+
+    def eval(self) -> Teacher:
+        return self.train(False)
+
+    def logits(self, images: Tensor) -> Tensor:
+        """B×K fp32 logits, no autograd graph."""
+        with self._running(images, graph=False):
+            return self.model(self._prepare(images)).float()
+
+    def features(self, images: Tensor, stages: Sequence[int], *, graph: bool = False,
+                 with_logits: bool = True) -> Features:
+        """`forward_features` of the teacher (logits and pooled in fp32)."""
+        with self._running(images, graph=graph):
+            found = forward_features(self.model, self._prepare(images), stages,
+                                     with_logits=with_logits)
+        logits = None if found.logits is None else found.logits.float()
+        return replace(found, logits=logits, pooled=found.pooled.float())
+
+    def _running(self, images: Tensor, *, graph: bool) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        if not graph:
+            stack.enter_context(torch.no_grad())
+        if self.amp_dtype is not None:
+            stack.enter_context(torch.autocast(device_type=images.device.type,
+                                               dtype=self.amp_dtype))
+        return stack
+
+    def _prepare(self, images: Tensor) -> Tensor:
+        if self._renorm is not None:
+            scale, shift = (t.to(images.device, images.dtype) for t in self._renorm)
+            images = images * scale + shift
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+
+def _renormalization(student, teacher) -> tuple[Tensor, Tensor] | None:
+    """(scale, shift) with x_t = x_s·scale + shift, the student-normalised image re-normalised
+    for the teacher: x_t = (x_s·σ_s + μ_s − μ_t) / σ_t. None when the two agree."""
+    if student is None:
+        return None
+    (mean_s, std_s), (mean_t, std_t) = (
+        [torch.tensor(v, dtype=torch.float64).view(1, -1, 1, 1) for v in pair]
+        for pair in (student, teacher))
+    if torch.allclose(mean_s, mean_t) and torch.allclose(std_s, std_t):
+        return None
+    return (std_s / std_t).float(), ((mean_s - mean_t) / std_t).float()
