@@ -1,0 +1,33 @@
+"""BKD (binary KD): OFAKD's baseline that treats each class as an independent binary task."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastkd.losses import bkd_loss
+
+from . import register
+from .base import Distiller, Needs
+
+
+@dataclass(frozen=True)
+class BKDParams:
+    kd_weight: float = 1.0   # OFAKD `--kd-loss-weight`
+
+
+@register
+class BKD(Distiller):
+    """`gt_weight·CE + kd_weight · BCEWithLogits(z_s, σ(z_t))`, element mean over B×K.
+
+    Formula: methods.md §1.6, `fastkd.losses.bkd_loss`; no temperature. Defaults OFAKD's.
+    Deviation: none.
+    """
+    name = "bkd"
+    paper = "— (binary KD baseline of Hao et al., One-for-All, NeurIPS 2023, Hao840/OFAKD)"
+    needs = Needs(teacher=True, teacher_logits=True, cacheable=True)
+    Params = BKDParams
+
+    def forward(self, images, labels, *, epoch=1.0, indices=None):
+        logits = self.student(images)
+        teacher_logits = self.teacher.logits(images)
+        loss = bkd_loss(logits, teacher_logits)
+        return logits, {**self.gt_term(logits, labels), "loss_kd": self.params.kd_weight * loss}
