@@ -1,0 +1,143 @@
+"""The DALI loader: our sample plan drives a DALI graph through a batch-mode external source.
+
+DALI's readers own their epoch (shuffle buffer, shard rotation), which would tie the sample
+order and the crops to DALI's RNG and to the world size. Here the plan owns the epoch instead:
+`PlanSource` hands DALI, for iteration `i` of the current epoch, the encoded files of this
+rank's batch `start_batch + i`, their crop geometry and their labels/indices; DALI decodes,
+crops, resizes and normalizes. The last batch may be smaller than the others (external source
+batches may vary in size), so no sample is dropped or repeated beyond the rank padding.
+"""
+from __future__ import annotations
+
+import numpy as np
+import nvidia.dali.types as types
+import torch
+from nvidia.dali.plugin.pytorch import feed_ndarray
+
+from .batch import BatchFinisher
+from .crop_plan import CropPlan, center_crop_rois
+from .dali_pipelines import eval_pipeline, train_pipeline
+from .datasets import DatasetIndex
+from .sampling import ShardPlan
+from .settings import ImageSettings, parse_rand_augment
+
+
+class PlanSource:
+    """External-source callback: `BatchInfo.iteration` -> the inputs of one planned batch."""
+
+    def __init__(self, index: DatasetIndex, plan: ShardPlan, settings: ImageSettings,
+                 crop_plan: CropPlan | None):
+        self.index, self.plan, self.settings, self.crop_plan = index, plan, settings, crop_plan
+        self.batches, self.epoch = [], 0
+
+    def start(self, epoch: int, start_batch: int) -> None:
+        self.epoch = epoch
+        self.batches = list(self.plan.batches(epoch, start_batch))
+
+    def stop(self) -> None:
+        """Make every further request end the epoch (used to abandon an epoch midway)."""
+        self.batches = []
+
+    def __call__(self, info):
+        if info.iteration >= len(self.batches):
+            raise StopIteration
+        ids, indices = self.batches[info.iteration]
+        encoded = [np.fromfile(self.index.full_path(i), dtype=np.uint8) for i in ids]
+        labels = self.index.labels[ids]
+        heights, widths = self.index.heights[ids], self.index.widths[ids]
+        if self.crop_plan is None:
+            start, end = center_crop_rois(heights, widths, self.settings.img_size,
+                                          self.settings.eval_resize)
+            return encoded, start, end, labels, indices
+        win = self.crop_plan.windows(self.epoch, ids, heights, widths)
+        anchor = np.stack([win.top, win.left], axis=1).astype(np.float32)
+        shape = np.stack([win.height, win.width], axis=1).astype(np.float32)
+        return encoded, anchor, shape, win.flip.astype(np.int32), labels, indices
+
+
+class DaliLoader:
+    """DALI-backed loader; see `fastkd.pipelines.build_loader` for the contract."""
+
+    def __init__(self, index: DatasetIndex, plan: ShardPlan, settings: ImageSettings, data, *,
+                 crop_plan: CropPlan | None, finisher: BatchFinisher, device: torch.device,
+                 on_gpu: bool, amp_dtype: torch.dtype | None, channels_last: bool):
+        self.kind = "dali-gpu" if on_gpu else "dali-cpu"
+        self.index, self.plan, self.finisher, self.device = index, plan, finisher, device
+        self.num_samples, self.classes = len(index), index.classes
+        self.num_classes = finisher.num_classes
+        self.channels_last, self.on_gpu = channels_last, on_gpu
+        self.epoch, self.start_batch = 0, 0
+        self._in_flight = False   # an epoch was left before DALI reported its end
+        self.source = PlanSource(index, plan, settings, crop_plan)
+        common = dict(source=self.source, settings=settings, on_gpu=on_gpu,
+                      hw_decoder_load=data.hw_decoder_load,
+                      fp16=amp_dtype == torch.float16, channels_last=channels_last,
+                      batch_size=plan.batch_size, num_threads=max(1, data.num_workers),
+                      device_id=_cuda_index(device) if on_gpu else None,
+                      seed=(crop_plan.seed * 1_000_003 + plan.rank) % 2**31 if crop_plan else 0)
+        if crop_plan is None:
+            self.pipe = eval_pipeline(**common)
+        else:
+            spec = parse_rand_augment(data.auto_augment) if data.auto_augment else None
+            self.pipe = train_pipeline(**common, rand_augment=spec, color_jitter=data.color_jitter)
+        self.pipe.build()
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        if not 0 <= start_batch <= len(self.plan):
+            raise ValueError(f"start_batch {start_batch} outside 0..{len(self.plan)}")
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self):
+        if self._in_flight:
+            self._abandon_epoch()
+        self.source.start(self.epoch, self.start_batch)
+        self._in_flight = True
+        for batch_no in range(self.start_batch, len(self.plan)):
+            images, labels, indices = self.pipe.run()
+            yield self.finisher(self._images(images), self._host(labels), self._host(indices),
+                                self.epoch, batch_no)
+        self._end_epoch()
+
+    def _end_epoch(self) -> None:
+        """Consume DALI's end-of-epoch signal and rewind it for the next `__iter__`."""
+        try:
+            self.pipe.run()
+        except StopIteration:
+            self.pipe.reset()
+            self._in_flight = False
+            return
+        raise RuntimeError("the DALI pipeline produced more batches than planned")
+
+    def _abandon_epoch(self) -> None:
+        """An iteration was left midway: drain the few prefetched batches, then rewind."""
+        self.source.stop()
+        while True:
+            try:
+                self.pipe.run()
+            except StopIteration:
+                break
+        self.pipe.reset()
+        self._in_flight = False
+
+    def _host(self, out) -> torch.Tensor:
+        # DALI reuses its output buffers on the next run: copy out.
+        return torch.from_numpy(np.array(out.as_tensor())).to(self.device, non_blocking=True)
+
+    def _images(self, out) -> torch.Tensor:
+        tensor = out.as_tensor()
+        if self.on_gpu:
+            dtype = torch.float16 if tensor.dtype == types.FLOAT16 else torch.float32
+            images = torch.empty(tensor.shape(), dtype=dtype, device=self.device)
+            feed_ndarray(tensor, images, cuda_stream=torch.cuda.current_stream(self.device))
+        else:
+            images = torch.from_numpy(np.array(tensor)).to(self.device, non_blocking=True)
+        # NHWC -> a channels_last NCHW view, without a copy.
+        return images.permute(0, 3, 1, 2) if self.channels_last else images
+
+
+def _cuda_index(device: torch.device) -> int:
+    """A bare "cuda" means the current device (set per local rank by the launcher), not GPU 0."""
+    return device.index if device.index is not None else torch.cuda.current_device()

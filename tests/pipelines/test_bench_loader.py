@@ -1,0 +1,23 @@
+import json
+
+from fastkd.bench import loader as bench_loader
+
+
+def test_bench_loader_writes_a_report(tmp_path):
+    out = tmp_path / "results"
+    argv = ["--data", str(tmp_path / "set"), "--images", "12", "--threads", "1", "--epochs", "1",
+            "--batch-size", "4", "--img-size", "32", "--out", str(out),
+            "--only", "dali-cpu", "torchvision DataLoader"]
+    assert bench_loader.main(argv) == 0
+    files = sorted(p.suffix for p in out.iterdir())
+    assert files == [".json", ".md"]
+    report = json.loads(next(out.glob("*.json")).read_text())
+    rows = {row["provider"]: row for row in report["rows"]}
+    assert "torchvision DataLoader" in rows and rows["torchvision DataLoader"]["vs torchvision"] == 1
+    assert all(row["img/s (median)"] > 0 for row in rows.values())
+    generated = list((tmp_path / "set" / "train").glob("*/*.JPEG"))
+    assert len(generated) == 12
+    # Cached: a second run reuses the generated files instead of writing new ones.
+    before = {p: p.stat().st_mtime_ns for p in generated}
+    bench_loader.generate_dataset(tmp_path / "set", 12)
+    assert before == {p: p.stat().st_mtime_ns for p in generated}
