@@ -1,0 +1,163 @@
+"""CRD (Tian et al., ICLR 2020, "Contrastive Representation Distillation"), OFAKD's baseline."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastkd.models import forward_features
+from fastkd.projectors import pooled_dim
+
+from . import register
+from .base import Distiller, Needs
+
+NCE_EPS = 1e-7  # OFAKD's stabiliser in the NCE ratios
+
+
+@dataclass(frozen=True)
+class CRDParams:
+    feat_dim: int = 128              # embedding width (`--crd-feat-dim`)
+    num_negatives: int = 16384       # K (`--crd-k`)
+    temperature: float = 0.07        # `--crd-temperature`
+    momentum: float = 0.5            # memory update momentum (`--crd-momentum`)
+    kd_weight: float = 1.0           # `--kd-loss-weight`
+    num_samples: int | None = None   # N, training-set size: the memory bank has one row per sample
+
+
+def nce_loss(scores: Tensor, num_samples: int) -> Tensor:
+    """CRD's NCE loss for one side (OFAKD `ContrastLoss`), from B×(1+K) normalised scores
+    P (column 0: the positive, then K negatives), noise probability P_n = 1/N:
+
+    `L = −(1/B) [Σ_b log(P⁺ / (P⁺ + K·P_n + ε)) + Σ_{b,j} log(K·P_n / (P⁻ + K·P_n + ε))]`.
+    """
+    noise = (scores.shape[1] - 1) / num_samples   # K·P_n
+    positive = torch.log(scores[:, 0] / (scores[:, 0] + noise + NCE_EPS))
+    negative = torch.log(noise / (scores[:, 1:] + noise + NCE_EPS))
+    return -(positive.sum() + negative.sum()) / scores.shape[0]
+
+
+def _gather_ranks(x: Tensor) -> Tensor:
+    """`x` from every DDP rank, concatenated (equal batch sizes per rank, as the sampler gives)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+class ContrastMemory(nn.Module):
+    """Two N×D banks of unit embeddings (student side, teacher side), one row per training
+    sample, initialised uniform in ±1/√(D/3) (OFAKD `ContrastMemory`).
+
+    Scores are `exp(⟨m, v⟩ / τ) / Z` of an embedding v against K + 1 rows of the *other* side's
+    bank: its own sample's row first, then K rows drawn uniformly (OFAKD's alias sampler over
+    uniform weights is uniform). Z per side is fixed at the first batch: `mean(exp(·)) · N`.
+    Rows of the batch's samples are then moved towards the new embeddings with momentum and
+    re-normalised. Under DDP the update and Z use every rank's batch, so all ranks keep the
+    same banks (OFAKD updates each rank's copy from its own batch only).
+    """
+
+    def __init__(self, dim: int, num_samples: int, num_negatives: int, temperature: float,
+                 momentum: float):
+        super().__init__()
+        self.num_samples, self.num_negatives = num_samples, num_negatives
+        self.temperature, self.momentum = temperature, momentum
+        bound = 1.0 / math.sqrt(dim / 3)
+        self.register_buffer("memory_s", torch.rand(num_samples, dim) * 2 * bound - bound)
+        self.register_buffer("memory_t", torch.rand(num_samples, dim) * 2 * bound - bound)
+        self.register_buffer("z_s", torch.tensor(-1.0))   # < 0: not set yet
+        self.register_buffer("z_t", torch.tensor(-1.0))
+        self._z_checked = False
+
+    def _set_normalisers(self, scores_s: Tensor, scores_t: Tensor) -> None:
+        """Z = mean score · N per side, once: at the first batch (checked with one host sync per
+        process, so a resumed run keeps the Z of its checkpoint)."""
+        if self._z_checked:
+            return
+        self._z_checked = True
+        if self.z_s >= 0:
+            return
+        first = torch.stack([scores_s.detach().mean(), scores_t.detach().mean()])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(first)
+            first /= dist.get_world_size()
+        self.z_s.copy_(first[0] * self.num_samples)
+        self.z_t.copy_(first[1] * self.num_samples)
+
+    def forward(self, embed_s: Tensor, embed_t: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
+        """(student scores vs teacher bank, teacher scores vs student bank), each B×(1+K)."""
+        batch = embed_s.shape[0]
+        rows = torch.randint(0, self.num_samples, (batch, self.num_negatives + 1),
+                             device=indices.device)
+        rows[:, 0] = indices
+        # Bank rows are constants here: the update below happens under no_grad.
+        bank_t = self.memory_t[rows].detach()   # B×(1+K)×D
+        bank_s = self.memory_s[rows].detach()
+        # fp32 even under autocast: exp(⟨m, v⟩ / 0.07) spans e^±14, beyond bf16's 3 digits
+        with torch.autocast(device_type=embed_s.device.type, enabled=False):
+            scores_s = torch.exp(torch.bmm(bank_t, embed_s.float()[:, :, None]).squeeze(2)
+                                 / self.temperature)
+            scores_t = torch.exp(torch.bmm(bank_s, embed_t.float()[:, :, None]).squeeze(2)
+                                 / self.temperature)
+        self._set_normalisers(scores_s, scores_t)
+        scores_s, scores_t = scores_s / self.z_s, scores_t / self.z_t
+        self._update(embed_s.detach(), embed_t.detach(), indices)
+        return scores_s, scores_t
+
+    @torch.no_grad()
+    def _update(self, embed_s: Tensor, embed_t: Tensor, indices: Tensor) -> None:
+        embed_s, embed_t = _gather_ranks(embed_s), _gather_ranks(embed_t)
+        indices = _gather_ranks(indices)
+        for bank, embed in ((self.memory_s, embed_s), (self.memory_t, embed_t)):
+            moved = bank[indices] * self.momentum + embed * (1 - self.momentum)
+            bank.index_copy_(0, indices, F.normalize(moved, dim=1))
+
+
+@register
+class CRD(Distiller):
+    """`gt_weight·CE + kd_weight·(L_NCE(student side) + L_NCE(teacher side))`.
+
+    Formula: methods.md §1.6 (OFAKD `CRD`, from the CRD authors' code): embeddings
+    `v = unit(Linear(D → 128)(pooled))` per side, scores and banks by `ContrastMemory`, loss
+    `nce_loss` (method-specific, hence here and not in `fastkd.losses`). Reads the dataset
+    index of every sample (`Needs(indices=True)`); the bank size N = `num_samples` must be
+    given (the engine passes the training-set size). Any pairing works (pooled features only).
+    Defaults: OFAKD's CLI (K 16384, τ 0.07, momentum 0.5, width 128).
+    Deviations: negatives are drawn by `torch.randint` (uniform, as OFAKD's alias sampler over
+    uniform weights) and may include the positive's own row, as there; `F.normalize` floors
+    the norm at 1e-12; banks and Z stay identical across DDP ranks (`ContrastMemory`); scores
+    are computed in fp32 under autocast (OFAKD's `--amp` runs them in fp16).
+    """
+    name = "crd"
+    paper = "Tian et al., Contrastive Representation Distillation, ICLR 2020 (arXiv 1910.10699)"
+    needs = Needs(teacher=True, teacher_logits=False, student_pooled=True, teacher_pooled=True,
+                  indices=True, cacheable=True)
+    Params = CRDParams
+
+    def __init__(self, student, teacher, params, **kwargs):
+        super().__init__(student, teacher, params, **kwargs)
+        if params.num_samples is None or params.num_samples < 1:
+            raise ValueError("crd: distill.params.num_samples must be the number of training "
+                             "samples (the memory bank holds one row per sample); the trainer "
+                             f"sets it from the training split, got {params.num_samples}")
+        self.embed_s = nn.Linear(pooled_dim(student), params.feat_dim)
+        self.embed_t = nn.Linear(pooled_dim(teacher.model), params.feat_dim)
+        self.memory = ContrastMemory(params.feat_dim, params.num_samples, params.num_negatives,
+                                     params.temperature, params.momentum)
+
+    def forward(self, images, labels, *, epoch=1.0, indices=None):
+        if indices is None:
+            raise ValueError("crd needs the dataset indices of the batch (Needs.indices)")
+        p = self.params
+        feats = forward_features(self.student, images, (), with_logits=True)
+        teacher_pooled = self.teacher.features(images, (), with_logits=False).pooled
+        embed_s = F.normalize(self.embed_s(feats.pooled).float(), dim=1)
+        embed_t = F.normalize(self.embed_t(teacher_pooled).float(), dim=1)
+        scores_s, scores_t = self.memory(embed_s, embed_t, indices.long())
+        loss = nce_loss(scores_s, p.num_samples) + nce_loss(scores_t, p.num_samples)
+        return feats.logits, {**self.gt_term(feats.logits, labels), "loss_kd": p.kd_weight * loss}
