@@ -323,9 +323,11 @@ def rkd_loss(student_embed: Tensor, teacher_embed: Tensor, distance_weight: floa
     """
     student = student_embed.float().flatten(1)
     teacher = teacher_embed.float().flatten(1).detach()
-    distance = F.smooth_l1_loss(_mean_normalized_distances(student, squared, eps),
-                                _mean_normalized_distances(teacher, squared, eps))
-    angle = F.smooth_l1_loss(_triplet_angles(student), _triplet_angles(teacher))
+    # fp32 matmuls even under autocast: ‖a‖² + ‖b‖² − 2ab cancels badly in bf16
+    with torch.autocast(device_type=student.device.type, enabled=False):
+        distance = F.smooth_l1_loss(_mean_normalized_distances(student, squared, eps),
+                                    _mean_normalized_distances(teacher, squared, eps))
+        angle = F.smooth_l1_loss(_triplet_angles(student), _triplet_angles(teacher))
     return distance_weight * distance + angle_weight * angle
 
 

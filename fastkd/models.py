@@ -16,7 +16,7 @@ import types
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import timm
 import torch
@@ -470,6 +470,12 @@ class Teacher:
                                      with_logits=with_logits)
         logits = None if found.logits is None else found.logits.float()
         return replace(found, logits=logits, pooled=found.pooled.float())
+
+    def run(self, fn: Callable[[nn.Module, Tensor], Any], images: Tensor, *, graph: bool = False) -> Any:
+        """`fn(model, x)` in the teacher's context: re-normalised input, autocast, no autograd
+        unless `graph`. For methods that tap blocks outside stages 1..4 (ViTKD)."""
+        with self._running(images, graph=graph):
+            return fn(self.model, self._prepare(images))
 
     def _running(self, images: Tensor, *, graph: bool) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()

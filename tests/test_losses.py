@@ -612,3 +612,12 @@ def test_forced_eager_on_cuda_matches_cpu(monkeypatch):
         cpu = fn(zs, zt, y)
         gpu = fn(zs.cuda(), zt.cuda(), y.cuda())
         torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-6)
+
+
+def test_rkd_loss_keeps_fp32_under_bf16_autocast():
+    """The distance term cancels catastrophically in bf16; the loss must ignore autocast."""
+    student, teacher = torch.randn(8, 64) * 30 + 100, torch.randn(8, 64) * 30 + 100
+    reference = losses.rkd_loss(student, teacher)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        under_autocast = losses.rkd_loss(student, teacher)
+    torch.testing.assert_close(under_autocast, reference, rtol=1e-5, atol=1e-6)

@@ -102,12 +102,10 @@ class ViTKD(Distiller):
 
     def _teacher_taps(self, images: Tensor, with_logits: bool):
         """(shallow, deep, logits or None) of the teacher."""
-        # The Teacher wrapper's own re-normalisation and autocast, without a graph. It has no
-        # public call for block indices outside stages 1..4 (asked of its owner).
-        with self.teacher._running(images, graph=False):
-            final, shallow, deep = _token_taps(self.teacher.model, self.teacher._prepare(images))
-            logits = self.teacher.model.forward_head(final).float() if with_logits else None
-        return shallow, deep, logits
+        def taps(model, x):
+            final, shallow, deep = _token_taps(model, x)
+            return shallow, deep, model.forward_head(final).float() if with_logits else None
+        return self.teacher.run(taps, images)
 
     def generate(self, deep: Tensor, grid: tuple[int, int], masked: Tensor) -> Tensor:
         """G(x̃): masked tokens replaced by the mask token, convolved on the patch grid."""
