@@ -37,8 +37,8 @@ def _fused(name: str, x: Tensor) -> Callable | None:
     """The fused kernel registered under `name` for CUDA inputs; None means: use eager."""
     if not x.is_cuda or os.environ.get("FASTKD_KERNELS", "").lower() == "eager":
         return None
-    from fastkd.kernels import FUSED  # lazy: triton is needed only on a GPU
-    return FUSED.get(name)
+    from fastkd.kernels import FUSED, supports  # lazy: triton is needed only on a GPU
+    return FUSED.get(name) if supports(name, x) else None
 
 
 # --------------------------------------------------------------------------------------------

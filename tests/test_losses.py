@@ -578,8 +578,12 @@ def test_dispatch_uses_eager_for_cpu_and_when_forced(monkeypatch):
     assert losses._fused("kd", torch.zeros(2, 3)) is None
     fake_cuda = types.SimpleNamespace(is_cuda=True)
     kernel = object()
-    monkeypatch.setitem(sys.modules, "fastkd.kernels", types.SimpleNamespace(FUSED={"kd": kernel}))
+    too_big = types.SimpleNamespace(is_cuda=True, big=True)
+    fake_kernels = types.SimpleNamespace(FUSED={"kd": kernel},
+                                         supports=lambda name, x: not getattr(x, "big", False))
+    monkeypatch.setitem(sys.modules, "fastkd.kernels", fake_kernels)
     assert losses._fused("kd", fake_cuda) is kernel
+    assert losses._fused("kd", too_big) is None  # a shape the kernel refuses falls back to eager
     assert losses._fused("dkd", fake_cuda) is None  # nothing registered under that name
     monkeypatch.setenv("FASTKD_KERNELS", "Eager")
     assert losses._fused("kd", fake_cuda) is None

@@ -36,7 +36,12 @@ def tiny_model(family: str, *, seed: int = 0) -> torch.nn.Module:
 def tiny_pair(student_family: str, teacher_family: str):
     """(student module, Teacher) — the teacher frozen and in eval, as the engine builds it."""
     student = tiny_model(student_family, seed=1)
-    teacher_model = tiny_model(teacher_family, seed=2).eval().requires_grad_(False)
+    teacher_model = tiny_model(teacher_family, seed=2)
+    with torch.no_grad():  # some heads start at zero (Mixer): give the teacher real opinions
+        for weight in teacher_model.get_classifier().parameters():
+            if weight.dim() > 1 and not weight.any():
+                weight.normal_(std=0.5)
+    teacher_model.eval().requires_grad_(False)
     return student, Teacher(teacher_model, amp_dtype=None)
 
 
