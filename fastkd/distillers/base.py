@@ -21,6 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastkd.projectors import common_input_size
+
 
 @dataclass(frozen=True)
 class Needs:
@@ -61,8 +63,10 @@ class Distiller(nn.Module):
     teacher_families: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, student: nn.Module, teacher, params, *, num_classes: int,
-                 gt_weight: float = 1.0, label_smoothing: float = 0.0):
+                 gt_weight: float = 1.0, label_smoothing: float = 0.0,
+                 input_size: tuple[int, int, int] | None = None):
         super().__init__()
+        self.input_size = None if input_size is None else tuple(input_size)
         self.student = student
         # Not a submodule on purpose: the teacher stays out of DDP, optimizers and checkpoints.
         object.__setattr__(self, "teacher", teacher)
@@ -70,6 +74,13 @@ class Distiller(nn.Module):
         self.num_classes = num_classes
         self.gt_weight = gt_weight
         self.label_smoothing = label_smoothing
+
+    def probe_size(self) -> tuple[int, int, int]:
+        """(C, H, W) at which projectors are shaped: the training input size when the engine
+        gives it, else the size both models accept (`projectors.common_input_size`)."""
+        if self.input_size is not None:
+            return self.input_size
+        return common_input_size(self.student, self.teacher.model if self.teacher else self.student)
 
     @classmethod
     def check_pair(cls, student_family: str, teacher_family: str | None) -> None:

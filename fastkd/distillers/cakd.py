@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastkd.models import forward_features, num_prefix_tokens, stage_info, stage_module
-from fastkd.projectors import common_input_size, pooled_dim
+from fastkd.projectors import pooled_dim
 from fastkd.teacher_stages import FinalNorm, UnsupportedTeacher
 
 from . import register
@@ -126,11 +126,9 @@ class CAKD(Distiller):
     Params = CAKDParams
     teacher_families = ("vit",)
 
-    def __init__(self, student, teacher, params, *, num_classes, gt_weight=1.0, label_smoothing=0.0,
-                 input_size=None):
-        super().__init__(student, teacher, params, num_classes=num_classes, gt_weight=gt_weight,
-                         label_smoothing=label_smoothing)
-        size = tuple(input_size or common_input_size(student, teacher.model))
+    def __init__(self, student, teacher, params, **kwargs):
+        super().__init__(student, teacher, params, **kwargs)
+        size = self.probe_size()
         s_info, t_info = stage_info(student, size), stage_info(teacher.model, size)
         s3, t4 = s_info[3], t_info[4]
         if (s3.height, s3.width) != (t4.height, t4.width):

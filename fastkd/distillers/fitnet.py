@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from fastkd.losses import kd_loss
 from fastkd.models import forward_features, model_family, stage_info
-from fastkd.projectors import FeatureAligner, common_input_size, init_projector_weights
+from fastkd.projectors import FeatureAligner, init_projector_weights
 
 from . import register
 from .base import Distiller, Needs
@@ -54,7 +54,7 @@ class FitNet(Distiller):
             raise ValueError(f"fitnet: stages must be distinct values among 1..4, got {stages}")
         self.needs = Needs(teacher=True, teacher_logits=params.kd_weight != 0,
                            student_stages=stages, teacher_stages=stages, cacheable=True)
-        size = common_input_size(student, teacher.model)
+        size = self.probe_size()
         info_s, info_t = stage_info(student, size), stage_info(teacher.model, size)
         # OFAKD's CNN FitNet conv has no bias; PAT's token aligners (Linear, PatchEmbed) do.
         bias = not (model_family(student) == "cnn" and teacher.family == "cnn")

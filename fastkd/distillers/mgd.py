@@ -10,7 +10,7 @@ from torch import Tensor
 
 from fastkd.losses import mse_sum_loss
 from fastkd.models import forward_features, stage_info
-from fastkd.projectors import aligner_or_identity, common_input_size
+from fastkd.projectors import aligner_or_identity
 
 from . import register
 from .base import Distiller, Needs
@@ -55,7 +55,7 @@ class MGD(Distiller):
 
     def __init__(self, student, teacher, params, **kwargs):
         super().__init__(student, teacher, params, **kwargs)
-        size = common_input_size(student, teacher.model)
+        size = self.probe_size()
         s, t = stage_info(student, size)[STAGE], stage_info(teacher.model, size)[STAGE]
         self.align = aligner_or_identity((s.channels, s.height, s.width),
                                          (t.channels, t.height, t.width), bias=True)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from fastkd.losses import ofa_loss
 from fastkd.models import forward_features, model_family, num_prefix_tokens, stage_info
-from fastkd.projectors import (PatchMerging, SepConv, common_input_size, grid_side_merges,
+from fastkd.projectors import (PatchMerging, SepConv, grid_side_merges,
                                init_projector_weights, pooled_dim)
 
 from . import register
@@ -138,7 +138,7 @@ class OFA(Distiller):
         # Per instance: the tapped stages are a parameter.
         self.needs = Needs(teacher=True, teacher_logits=True, student_stages=tuple(params.stages),
                            cacheable=True)
-        infos = stage_info(student, common_input_size(student, teacher.model))
+        infos = stage_info(student, self.probe_size())
         token_student = model_family(student) != "cnn"
         width_s, width_t = pooled_dim(student), pooled_dim(teacher.model)
         self.branches = nn.ModuleDict()

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from fastkd.losses import hcl_loss, kd_loss
 from fastkd.models import STAGES, forward_features, stage_info
-from fastkd.projectors import common_input_size, init_projector_weights
+from fastkd.projectors import init_projector_weights
 from fastkd.teacher_stages import StageEntries, UnsupportedTeacher
 
 from . import register
@@ -214,13 +214,11 @@ class PAT(Distiller):
                   teacher_graph=True, cacheable=False)
     Params = PATParams
 
-    def __init__(self, student, teacher, params, *, num_classes, gt_weight=1.0, label_smoothing=0.0,
-                 input_size=None):
-        super().__init__(student, teacher, params, num_classes=num_classes, gt_weight=gt_weight,
-                         label_smoothing=label_smoothing)
+    def __init__(self, student, teacher, params, **kwargs):
+        super().__init__(student, teacher, params, **kwargs)
         if not set(params.afp_stages) <= set(STAGES):
             raise ValueError(f"afp_stages must be among {STAGES}, got {params.afp_stages}")
-        size = tuple(input_size or common_input_size(student, teacher.model))
+        size = self.probe_size()
         try:
             self.entries = StageEntries(teacher.model, size)
         except UnsupportedTeacher as error:

@@ -11,7 +11,6 @@ from fastkd.attention_projector import (CrossAttentionProjector, default_num_hea
                                         tokens_to_grid)
 from fastkd.losses import feature_mimic_loss, freq_decoupled_loss, soft_ce_kd_loss
 from fastkd.models import forward_features, stage_info
-from fastkd.projectors import common_input_size
 from fastkd.teacher_stages import TeacherTail, UnsupportedTeacher
 
 from . import register
@@ -72,11 +71,9 @@ class ScaleKD(Distiller):
                   teacher_graph=True, cacheable=False)
     Params = ScaleKDParams
 
-    def __init__(self, student, teacher, params, *, num_classes, gt_weight=1.0, label_smoothing=0.0,
-                 input_size=None):
-        super().__init__(student, teacher, params, num_classes=num_classes, gt_weight=gt_weight,
-                         label_smoothing=label_smoothing)
-        size = tuple(input_size or common_input_size(student, teacher.model))
+    def __init__(self, student, teacher, params, **kwargs):
+        super().__init__(student, teacher, params, **kwargs)
+        size = self.probe_size()
         try:
             self.tail = TeacherTail(teacher.model, size, from_stage=3)
         except UnsupportedTeacher as error:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastkd.models import forward_features, stage_info
-from fastkd.projectors import common_input_size, pooled_dim
+from fastkd.projectors import pooled_dim
 
 from . import register
 from .base import Distiller, Needs
@@ -87,7 +87,7 @@ class SRRL(Distiller):
 
     def __init__(self, student, teacher, params, **kwargs):
         super().__init__(student, teacher, params, **kwargs)
-        size = common_input_size(student, teacher.model)
+        size = self.probe_size()
         channels = stage_info(student, size)[STAGE].channels
         self.connector = Connector(channels, pooled_dim(teacher.model),
                                    relu=self._teacher_pooled_nonnegative(size))

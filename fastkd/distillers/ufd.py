@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from fastkd.attention_projector import CrossAttentionProjector, default_num_heads, tokens_to_grid
 from fastkd.losses import freq_decoupled_loss, soft_ce_kd_loss
 from fastkd.models import forward_features, stage_info
-from fastkd.projectors import common_input_size
 from fastkd.teacher_stages import FinalNorm, UnsupportedTeacher
 
 from . import register
@@ -58,11 +57,9 @@ class UFD(Distiller):
                   cacheable=True)
     Params = UFDParams
 
-    def __init__(self, student, teacher, params, *, num_classes, gt_weight=1.0, label_smoothing=0.0,
-                 input_size=None):
-        super().__init__(student, teacher, params, num_classes=num_classes, gt_weight=gt_weight,
-                         label_smoothing=label_smoothing)
-        size = tuple(input_size or common_input_size(student, teacher.model))
+    def __init__(self, student, teacher, params, **kwargs):
+        super().__init__(student, teacher, params, **kwargs)
+        size = self.probe_size()
         try:
             self.final_norm = FinalNorm(teacher.model, size)
         except UnsupportedTeacher as error:

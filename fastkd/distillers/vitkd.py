@@ -11,7 +11,6 @@ from torch import Tensor
 
 from fastkd.losses import mse_sum_loss, nkd_loss
 from fastkd.models import model_family, num_prefix_tokens, stage_info
-from fastkd.projectors import common_input_size
 
 from . import register
 from .base import Distiller, Needs, UnsupportedPair
@@ -78,7 +77,7 @@ class ViTKD(Distiller):
         if not 0 < params.mask_ratio <= 1:
             raise ValueError(f"vitkd: mask_ratio must be in (0, 1], got {params.mask_ratio}")
         self.needs = Needs(teacher=True, teacher_logits=params.logit_loss == "nkd", cacheable=False)
-        size = common_input_size(student, teacher.model)
+        size = self.probe_size()
         grid_s, grid_t = self._patch_grid(student, size), self._patch_grid(teacher.model, size)
         if grid_s != grid_t:
             raise UnsupportedPair(f"vitkd compares token by token: student patch grid {grid_s} "
