@@ -1,0 +1,330 @@
+"""Everything a run is made of, built from a Config: one function per part, explicit inputs.
+
+The order matters and `build_training` keeps it in one place: device → classes → student →
+loaders (they need the student's data config) → teacher (re-normalises from the student's
+mean/std) → distiller on the device → optimizer over the distiller's trainable parameters →
+scheduler (needs the steps per epoch) → EMA → DDP.
+"""
+from __future__ import annotations
+
+import copy
+import pickle
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from timm.optim import create_optimizer_v2, list_optimizers
+from timm.optim._param_groups import param_groups_layer_decay, param_groups_weight_decay
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from fastkd.checkpoint import load_checkpoint, student_state_dict
+from fastkd.config import Config, ConfigError, OptimConfig, replace
+from fastkd.distillers import build_params, get_distiller_class
+from fastkd.distillers.base import Distiller
+from fastkd.distributed import World
+from fastkd.models import (Teacher, create_student, create_teacher, load_state_dict_file,
+                           model_data_config, model_family)
+from fastkd.pipelines import DataError, build_loader, load_index, replayable
+from fastkd.pipelines.settings import resolve_image_settings
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def amp_dtype(cfg: Config) -> torch.dtype | None:
+    """The autocast dtype of `train.amp`; None runs in fp32."""
+    return AMP_DTYPES[cfg.train.amp]
+
+
+def check_runnable(cfg: Config) -> None:
+    """Refuse, before any file is written, what cannot run: an unknown method or bad method
+    params, a method needing a teacher without one, a teacher cache (not implemented yet)."""
+    if cfg.data.root is None or not Path(cfg.data.root).is_dir():
+        raise ConfigError(f"data.root: {cfg.data.root!r} is not a directory (the ImageFolder "
+                          f"root holding the {cfg.data.train_split}/ and {cfg.data.val_split}/ splits)")
+    _check_counts(cfg)
+    if cfg.optim.opt.lower() not in list_optimizers():
+        raise ConfigError(f"optim.opt: '{cfg.optim.opt}' is not a timm optimizer "
+                          f"(e.g. sgd, adamw, lamb, fusedadamw; timm.optim.list_optimizers())")
+    if cfg.sched.sched == "plateau":
+        raise ConfigError("sched.sched: 'plateau' needs a metric every step; use cosine, step, "
+                          "multistep, poly, tanh, wsd, rsqrt, constant or none")
+    method = get_distiller_class(cfg.distill.method)
+    build_params(cfg.distill.method, cfg.distill.params)
+    if method.needs.teacher and cfg.teacher.name is None:
+        raise ConfigError(f"distill.method '{cfg.distill.method}' needs a teacher: set teacher.name "
+                          f"(and teacher.checkpoint)")
+    if cfg.cache.dir is not None:
+        reason = "" if replayable(cfg.data) else (
+            "; besides, this data section has random augmentation beyond crop + flip "
+            "(RandAugment, color jitter, random erasing or mixup/cutmix), which no cache can replay")
+        raise ConfigError(f"cache.dir: teacher cache not implemented yet{reason}; "
+                          f"remove cache.dir to run the teacher online")
+
+
+def _check_counts(cfg: Config) -> None:
+    """Counts the schema types as int but that must also be positive."""
+    t = cfg.train
+    for key, value, least in (("train.epochs", t.epochs, 1), ("train.batch_size", t.batch_size, 1),
+                              ("train.log_interval", t.log_interval, 1),
+                              ("train.eval_interval", t.eval_interval, 1),
+                              ("train.max_nonfinite", t.max_nonfinite, 1),
+                              ("train.checkpoint_interval", t.checkpoint_interval, 0),
+                              ("train.max_steps_per_epoch",
+                               1 if t.max_steps_per_epoch is None else t.max_steps_per_epoch, 1)):
+        if value < least:
+            raise ConfigError(f"{key}: {value} is not allowed; it must be at least {least}")
+
+
+def count_classes(cfg: Config) -> int:
+    """`data.num_classes`, else the class folders of the training split (else the val split)."""
+    if cfg.data.num_classes:
+        return cfg.data.num_classes
+    if cfg.data.root is None:
+        raise ConfigError("data.root: not set (the ImageFolder root holding the splits)")
+    errors = []
+    for split in (cfg.data.train_split, cfg.data.val_split):
+        try:
+            return len(load_index(cfg.data.root, split, workers=max(4, cfg.data.num_workers)).classes)
+        except (DataError, FileNotFoundError) as error:
+            errors.append(str(error))
+    raise ConfigError(f"data.root: cannot count the classes: {'; '.join(dict.fromkeys(errors))}")
+
+
+# --------------------------------------------------------------------------------- models
+
+
+def build_student(cfg: Config, num_classes: int) -> nn.Module:
+    kwargs = dict(cfg.model.kwargs)
+    # None keeps timm's default; create_model drops None-valued keywords itself.
+    kwargs.update(drop_rate=cfg.model.drop_rate, drop_path_rate=cfg.model.drop_path_rate)
+    return create_student(cfg.model.name, num_classes, checkpoint=cfg.model.checkpoint,
+                          pretrained=cfg.model.pretrained, **kwargs)
+
+
+def build_teacher(cfg: Config, num_classes: int, *, student_mean_std, device: torch.device
+                  ) -> Teacher:
+    model = create_teacher(cfg.teacher.name, num_classes, checkpoint=cfg.teacher.checkpoint,
+                           pretrained=cfg.teacher.pretrained, use_ema=cfg.teacher.use_ema,
+                           **cfg.teacher.kwargs)
+    teacher = Teacher(model, amp_dtype=amp_dtype(cfg), student_mean_std=student_mean_std,
+                      channels_last=cfg.train.channels_last)
+    return teacher.to(device)
+
+
+def build_distiller(cfg: Config, student: nn.Module, teacher: Teacher | None,
+                    num_classes: int) -> Distiller:
+    """The method around the student; `UnsupportedPair` for a pairing it cannot serve."""
+    method = get_distiller_class(cfg.distill.method)
+    params = build_params(cfg.distill.method, cfg.distill.params)
+    method.check_pair(model_family(student), teacher.family if teacher is not None else None)
+    return method(student, teacher, params, num_classes=num_classes,
+                  gt_weight=cfg.distill.gt_weight, label_smoothing=cfg.data.label_smoothing)
+
+
+# ------------------------------------------------------------------------------ optimization
+
+
+def resolve_lr(optim: OptimConfig, global_batch: int) -> tuple[float, str]:
+    """`optim.lr` when set, else the linear rule `lr_base · global_batch / lr_base_size`; the
+    second value says which, for env.json and the log."""
+    if optim.lr is not None:
+        return optim.lr, f"optim.lr = {optim.lr:g} (fixed)"
+    lr = optim.lr_base * global_batch / optim.lr_base_size
+    return lr, (f"lr_base · global_batch / lr_base_size = {optim.lr_base:g} · {global_batch} / "
+                f"{optim.lr_base_size} = {lr:g}")
+
+
+def _param_groups(distiller: Distiller, optim: OptimConfig) -> list[dict]:
+    """timm's groups for the student (its `no_weight_decay()` list, layer decay when set), plus
+    the method's own trainable parts with the usual rule: no decay on 1-D tensors."""
+    student = distiller.student
+    no_decay = set(getattr(student, "no_weight_decay", lambda: set())())
+    if optim.layer_decay is not None:
+        groups = param_groups_layer_decay(student, weight_decay=optim.weight_decay,
+                                          layer_decay=optim.layer_decay,
+                                          no_weight_decay_list=no_decay)
+    else:
+        groups = param_groups_weight_decay(student, weight_decay=optim.weight_decay,
+                                           no_weight_decay_list=no_decay)
+    student_ids = {id(p) for p in student.parameters()}
+    extra = [p for p in distiller.parameters() if p.requires_grad and id(p) not in student_ids]
+    decay = [p for p in extra if p.ndim > 1]
+    flat = [p for p in extra if p.ndim <= 1]
+    groups += [g for g in ({"params": decay, "weight_decay": optim.weight_decay},
+                           {"params": flat, "weight_decay": 0.0}) if g["params"]]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(cfg: Config, distiller: Distiller, lr: float) -> torch.optim.Optimizer:
+    """timm's optimizer factory over the student and the method's trainable parts (never the
+    teacher, which is not a submodule)."""
+    optim = cfg.optim
+    extra = {key: value for key, value in (("betas", optim.betas), ("eps", optim.eps))
+             if value is not None}
+    return create_optimizer_v2(distiller, optim.opt, lr=lr, weight_decay=optim.weight_decay,
+                               momentum=optim.momentum,
+                               param_group_fn=lambda module: _param_groups(module, optim), **extra)
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """timm's scheduler factory; stepped with explicit counters by the engine (per update
+    unless `sched.step_on_epochs`). None for `sched: none`."""
+    s = cfg.sched
+    try:
+        scheduler, _ = create_scheduler_v2(
+            optimizer, sched=s.sched, num_epochs=cfg.train.epochs, decay_epochs=s.decay_epochs,
+            decay_milestones=list(s.decay_milestones), decay_rate=s.decay_rate, min_lr=s.min_lr,
+            warmup_lr=s.warmup_lr, warmup_epochs=s.warmup_epochs,
+            step_on_epochs=s.step_on_epochs, updates_per_epoch=steps_per_epoch,
+            noise_seed=cfg.train.seed)
+    except ValueError as error:   # an unknown name, or a wsd decay longer than the run
+        raise ConfigError(f"sched: {error}") from None
+    return scheduler
+
+
+def build_ema(cfg: Config, student: nn.Module) -> ModelEmaV3 | None:
+    """EMA of the student. Must be called after the student is on its device (the copy lives
+    where the model lives) and before DDP wraps it (the EMA must copy the bare student, not the
+    wrapper) — timm's ModelEmaV3 docstring and train.py say the same."""
+    return ModelEmaV3(student, decay=cfg.train.ema_decay) if cfg.train.ema else None
+
+
+def wrap_ddp(distiller: Distiller, world: World) -> nn.Module:
+    """DDP around the distiller only (student + method parts). The teacher stays outside: it
+    is frozen and not a submodule. A method whose parts are not all used every step declares
+    `find_unused_parameters = True`; the default avoids the extra graph traversal."""
+    if not world.distributed:
+        return distiller
+    device_ids = [world.device.index] if world.device.type == "cuda" else None
+    return DistributedDataParallel(
+        distiller, device_ids=device_ids,
+        find_unused_parameters=bool(getattr(distiller, "find_unused_parameters", False)))
+
+
+# ------------------------------------------------------------------------------------ loaders
+
+
+def build_loader_for(cfg: Config, world: World, *, split: str, train: bool, model_cfg: dict,
+                     num_classes: int):
+    return build_loader(cfg.data, split=split, train=train, batch_size=cfg.train.batch_size,
+                        model_cfg=model_cfg, seed=cfg.train.seed, rank=world.rank,
+                        world_size=world.world_size, device=world.device,
+                        amp_dtype=amp_dtype(cfg), channels_last=cfg.train.channels_last,
+                        num_classes=num_classes)
+
+
+def student_info(cfg: Config, student: nn.Module, num_classes: int, classes) -> dict:
+    """What `student.json` says: enough to rebuild the model and feed it like in training."""
+    settings = resolve_image_settings(cfg.data, model_data_config(student))
+    return {"architecture": cfg.model.name, "num_classes": num_classes,
+            "model_kwargs": dict(cfg.model.kwargs),
+            "input_size": [3, settings.img_size, settings.img_size],
+            "mean": list(settings.mean), "std": list(settings.std),
+            "crop_pct": settings.crop_pct, "interpolation": settings.interpolation,
+            "classes": list(classes) if classes is not None else None}
+
+
+# ------------------------------------------------------------------------------- everything
+
+
+@dataclass
+class TrainingSetup:
+    """The objects one training run is made of (built once by `build_training`)."""
+    cfg: Config
+    world: World
+    distiller: Distiller            # the bare module: checkpoints, EMA updates, evaluation
+    model: nn.Module                # what the step calls: the distiller, or DDP around it
+    teacher: Teacher | None
+    optimizer: torch.optim.Optimizer
+    scheduler: object | None
+    scaler: torch.amp.GradScaler | None
+    ema: ModelEmaV3 | None
+    train_loader: object
+    val_loader: object
+    steps_per_epoch: int
+    lr: float
+    lr_rule: str
+    student_info: dict = field(default_factory=dict)
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return amp_dtype(self.cfg)
+
+    @property
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.distiller.parameters() if p.requires_grad]
+
+
+def build_training(cfg: Config, world: World) -> TrainingSetup:
+    check_runnable(cfg)
+    device = world.device
+    method = get_distiller_class(cfg.distill.method)
+    num_classes = count_classes(cfg)
+    student = build_student(cfg, num_classes)
+    model_cfg = model_data_config(student)
+    train_loader = build_loader_for(cfg, world, split=cfg.data.train_split, train=True,
+                                    model_cfg=model_cfg, num_classes=num_classes)
+    val_loader = build_loader_for(cfg, world, split=cfg.data.val_split, train=False,
+                                  model_cfg=model_cfg, num_classes=num_classes)
+    info = student_info(cfg, student, num_classes, getattr(train_loader, "classes", None))
+    teacher = None
+    if method.needs.teacher:
+        teacher = build_teacher(cfg, num_classes, student_mean_std=(info["mean"], info["std"]),
+                                device=device)
+    elif cfg.teacher.name is not None:
+        warnings.warn(f"distill.method '{cfg.distill.method}' uses no teacher; teacher.name "
+                      f"'{cfg.teacher.name}' is ignored", stacklevel=2)
+    distiller = build_distiller(cfg, student, teacher, num_classes).to(device)
+    if cfg.train.channels_last:
+        distiller.to(memory_format=torch.channels_last)
+    steps = len(train_loader)
+    if cfg.train.max_steps_per_epoch is not None:
+        steps = min(steps, cfg.train.max_steps_per_epoch)
+    if steps < 1:
+        raise ConfigError(f"the training split gives no full batch of {cfg.train.batch_size} on "
+                          f"each of {world.world_size} process(es); lower train.batch_size")
+    lr, lr_rule = resolve_lr(cfg.optim, cfg.train.batch_size * world.world_size)
+    optimizer = build_optimizer(cfg, distiller, lr)
+    scheduler = build_scheduler(cfg, optimizer, steps)
+    scaler = torch.amp.GradScaler(device.type) if cfg.train.amp == "fp16" else None
+    ema = build_ema(cfg, distiller.student)       # after .to(device), before DDP
+    if cfg.train.compile:
+        distiller.student.compile()                # in place: state-dict keys stay timm's
+    return TrainingSetup(cfg=cfg, world=world, distiller=distiller,
+                         model=wrap_ddp(distiller, world), teacher=teacher, optimizer=optimizer,
+                         scheduler=scheduler, scaler=scaler, ema=ema, train_loader=train_loader,
+                         val_loader=val_loader, steps_per_epoch=steps, lr=lr, lr_rule=lr_rule,
+                         student_info=info)
+
+
+def build_evaluation(cfg: Config, world: World, checkpoint: str | Path | None = None
+                     ) -> tuple[dict[str, nn.Module], object]:
+    """The student (and its EMA when a fastkd checkpoint holds one) with the weights of
+    `checkpoint`, or of `model.checkpoint` when none is given, plus the validation loader."""
+    saved = weights = None
+    if checkpoint is not None:
+        cfg = replace(cfg, model={"checkpoint": None, "pretrained": False})
+        try:
+            saved = load_checkpoint(checkpoint)
+        except (ValueError, RuntimeError, OSError, EOFError, pickle.UnpicklingError):
+            weights = load_state_dict_file(checkpoint)   # a plain state dict / safetensors file
+    num_classes = saved["student_info"]["num_classes"] if saved else count_classes(cfg)
+    student = build_student(cfg, num_classes)
+    models = {"eval": student}
+    if saved is not None:
+        student.load_state_dict(student_state_dict(saved), strict=True)
+        if saved.get("ema") is not None:
+            models["ema"] = copy.deepcopy(student)
+            models["ema"].load_state_dict(student_state_dict(saved, ema=True), strict=True)
+    elif weights is not None:
+        student.load_state_dict(weights, strict=True)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    for model in models.values():
+        model.to(world.device, memory_format=memory_format).eval()
+    loader = build_loader_for(cfg, world, split=cfg.data.val_split, train=False,
+                              model_cfg=model_data_config(student), num_classes=num_classes)
+    return models, loader

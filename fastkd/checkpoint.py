@@ -1,0 +1,269 @@
+"""Training checkpoints (`last.pt`, `best.pt`) and the student export (`student.safetensors`).
+
+A checkpoint holds only tensors and primitive containers, so it loads with
+`torch.load(weights_only=True)` (the PyTorch ≥ 2.6 default that breaks checkpoints pickling an
+argparse Namespace): the distiller's state dict (student + the method's trainable parts; the
+teacher is not a submodule and so is never in it), optimizer, scheduler, GradScaler and EMA
+states, the position to resume from, the best metric, the config as a plain dict, and every
+rank's RNG states converted to tensors and lists.
+
+Files are written to a temporary name and `os.replace`d, so a run killed mid-write leaves the
+previous `last.pt` intact.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from fastkd.config import Config, ConfigError, config_to_dict, from_dict
+from fastkd.distributed import all_gather_objects
+
+if TYPE_CHECKING:
+    from fastkd.build import TrainingSetup
+
+CHECKPOINT_VERSION = 1
+STUDENT_PREFIX = "student."     # the student's keys inside the distiller's state dict
+EMA_PREFIX = "module."          # the student's keys inside ModelEmaV3's state dict
+LAST, BEST = "last.pt", "best.pt"
+STUDENT_WEIGHTS, STUDENT_INFO = "student.safetensors", "student.json"
+
+
+@dataclass
+class TrainPosition:
+    """Where training stands. `epoch` is 1-based; `batch` batches of it are done (0: the epoch
+    has not started). `global_step` counts train steps (skipped ones included) and drives the
+    per-update LR schedule and the EMA warm-up, so it is a pure function of the position."""
+    epoch: int = 1
+    batch: int = 0
+    global_step: int = 0
+    best_top1: float | None = None
+    best_epoch: int | None = None
+
+
+# ------------------------------------------------------------------------------ RNG states
+
+
+def capture_rng_state() -> dict:
+    """Python, numpy, torch CPU and CUDA generator states as tensors / lists / ints."""
+    version, mt_state, gauss = random.getstate()
+    kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": [version, list(mt_state), gauss],
+        "numpy": [kind, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss),
+                  float(np_gauss)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(mt_state), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+def atomic_save(obj, path: str | Path) -> None:
+    """`torch.save` to `path.tmp`, then `os.replace`: readers never see a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def make_checkpoint(*, distiller: nn.Module, optimizer, scheduler, scaler, ema,
+                    position: TrainPosition, config: dict, rng_states: list[dict],
+                    epoch_meters: dict[str, Tensor], student_info: dict,
+                    steps_per_epoch: int = 0) -> dict:
+    """The checkpoint dict. `distiller` must be the unwrapped module (no DDP `module.` prefix);
+    `rng_states` holds one entry per rank (so its length is the world size that wrote it)."""
+    return {
+        "version": CHECKPOINT_VERSION,
+        "distiller": distiller.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "ema": ema.state_dict() if ema is not None else None,
+        # ModelEmaV3 rounds bf16 EMA weights stochastically with a private generator
+        "ema_rounding_rng": ema._sr_generator.get_state() if ema is not None else None,
+        "position": asdict(position),
+        "config": config,
+        "rng": rng_states,
+        "epoch_meters": {name: value.detach().cpu() for name, value in epoch_meters.items()},
+        "student_info": student_info,
+        "steps_per_epoch": steps_per_epoch,
+    }
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint on the CPU with `weights_only=True`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict) or checkpoint.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path} is not a fastkd checkpoint (version {CHECKPOINT_VERSION})")
+    return checkpoint
+
+
+def restore_training_state(checkpoint: dict, *, distiller: nn.Module, optimizer, scaler,
+                           ema) -> TrainPosition:
+    """Load every stateful object from `checkpoint` (strict); return the saved position.
+
+    The scheduler's saved state is not loaded on purpose: a timm scheduler holds only its
+    configuration (the caller passes the step count), so the one rebuilt from the config is
+    the same, and after a resume with a longer `train.epochs` it is the longer schedule that
+    must apply, not the saved one. The state stays in the checkpoint for inspection."""
+    distiller.load_state_dict(checkpoint["distiller"], strict=True)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if scaler is not None and checkpoint["scaler"] is not None:
+        scaler.load_state_dict(checkpoint["scaler"])
+    if ema is not None:
+        if checkpoint["ema"] is None:
+            raise ValueError("train.ema is on but the checkpoint has no EMA weights")
+        ema.load_state_dict(checkpoint["ema"], strict=True)
+        ema._sr_generator.set_state(checkpoint["ema_rounding_rng"])
+    return TrainPosition(**checkpoint["position"])
+
+
+def save_training_checkpoint(setup: TrainingSetup, run_path: Path, position: TrainPosition,
+                             epoch_meters: dict[str, Tensor], *, also: str | None = None) -> None:
+    """Write `last.pt` (and `also`, e.g. best.pt). Every rank must call it: the RNG states of
+    all ranks are gathered; rank 0 writes."""
+    rng_states = all_gather_objects(capture_rng_state(), setup.world)
+    if not setup.world.is_primary:
+        return
+    checkpoint = make_checkpoint(
+        distiller=setup.distiller, optimizer=setup.optimizer, scheduler=setup.scheduler,
+        scaler=setup.scaler, ema=setup.ema, position=position,
+        config=config_to_dict(setup.cfg), rng_states=rng_states, epoch_meters=epoch_meters,
+        student_info=setup.student_info, steps_per_epoch=setup.steps_per_epoch)
+    for name in (LAST, also) if also else (LAST,):
+        atomic_save(checkpoint, run_path / name)
+
+
+def resume_training(setup: TrainingSetup, checkpoint: dict
+                    ) -> tuple[TrainPosition, dict[str, Tensor], dict | None]:
+    """Restore every stateful object; returns the position, the running epoch meters and this
+    rank's RNG states.
+
+    Another world size is accepted at an epoch boundary only: the global sample order does not
+    depend on it, but the per-rank batch count does, so a mid-epoch position would skip the
+    wrong samples. The step counter is then recounted for the new steps per epoch, and the RNG
+    states are not restored (fresh per-rank seeds: dropout masks differ, data does not)."""
+    rng_states = checkpoint["rng"]
+    same_shape = (len(rng_states), checkpoint["steps_per_epoch"]) == (
+        setup.world.world_size, setup.steps_per_epoch)
+    if not same_shape and checkpoint["position"]["batch"] > 0:
+        raise ConfigError(
+            f"this mid-epoch checkpoint was written by {len(rng_states)} process(es) with "
+            f"{checkpoint['steps_per_epoch']} steps per epoch; resume it with the same number of "
+            f"processes (this run: {setup.world.world_size}, {setup.steps_per_epoch} steps)")
+    position = restore_training_state(checkpoint, distiller=setup.distiller,
+                                      optimizer=setup.optimizer, scaler=setup.scaler, ema=setup.ema)
+    if same_shape:
+        return position, checkpoint["epoch_meters"], rng_states[setup.world.rank]
+    position.global_step = (position.epoch - 1) * setup.steps_per_epoch
+    warnings.warn(f"resuming a run of {len(rng_states)} process(es) on {setup.world.world_size}: "
+                  f"data order resumes exactly, RNG states (dropout) do not", stacklevel=2)
+    return position, checkpoint["epoch_meters"], None
+
+
+# ---------------------------------------------------------------------------- resume config
+
+# Keys that may change when resuming: they change neither the meaning of the saved state nor
+# the data each step sees. Everything else (model, method, optimizer, batch size, schedule
+# shape, augmentation, seed, AMP...) would silently train a different run than the one the
+# checkpoint belongs to. `train.epochs` is allowed on purpose (extend a run); the LR schedule
+# is then rebuilt for the new length. output.dir/name are ignored: the run directory is given.
+RESUMABLE_KEYS = frozenset({
+    "train.epochs", "train.log_interval", "train.eval_interval", "train.checkpoint_interval",
+    "train.max_nonfinite", "data.root", "data.num_workers", "output.tensorboard",
+    "output.save_best",
+})
+_IGNORED_ON_RESUME = frozenset({"output.dir", "output.name"})
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key not in ("kwargs", "params"):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resume_config(saved: dict, requested: Config) -> Config:
+    """The config to resume with: `requested` when it differs from the checkpoint's `saved`
+    config only in RESUMABLE_KEYS (output.dir/name taken from `saved`), else a ConfigError
+    naming every offending key."""
+    old, new = _flatten(saved), _flatten(config_to_dict(requested))
+    changed = sorted(k for k in old.keys() | new.keys()
+                     if old.get(k) != new.get(k) and k not in _IGNORED_ON_RESUME)
+    refused = [k for k in changed if k not in RESUMABLE_KEYS]
+    if refused:
+        details = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in refused)
+        raise ConfigError(f"cannot resume with a different {', '.join(refused)} ({details}). "
+                          f"Only {', '.join(sorted(RESUMABLE_KEYS))} may change on resume; start "
+                          f"a new run for anything else")
+    merged = config_to_dict(requested)
+    merged["output"].update(dir=saved["output"]["dir"], name=saved["output"]["name"])
+    return from_dict(Config, merged)
+
+
+# ----------------------------------------------------------------------------- student export
+
+
+def student_state_dict(checkpoint: dict, *, ema: bool = False) -> dict[str, Tensor]:
+    """The student's own state dict (timm key names) from a checkpoint: the trained weights, or
+    with `ema` the EMA weights (an error when the run had no EMA)."""
+    if ema:
+        if checkpoint.get("ema") is None:
+            raise ConfigError("--ema: this checkpoint has no EMA weights (the run had train.ema: false)")
+        source, prefix = checkpoint["ema"], EMA_PREFIX
+    else:
+        source, prefix = checkpoint["distiller"], STUDENT_PREFIX
+    return {key[len(prefix):]: value for key, value in source.items() if key.startswith(prefix)}
+
+
+def export_student(checkpoint_path: str | Path, out_dir: str | Path, *, ema: bool = False) -> Path:
+    """Write `student.safetensors` (loads strictly into `timm.create_model(name,
+    num_classes=K, **kwargs)`) and `student.json` (timm name, num_classes, model kwargs, the
+    data config it was trained with) into `out_dir`; returns the weights' path."""
+    from safetensors.torch import save_file
+
+    checkpoint = load_checkpoint(checkpoint_path)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in
+             student_state_dict(checkpoint, ema=ema).items()}
+    out_dir = Path(out_dir)
+    info = dict(checkpoint["student_info"], weights="ema" if ema else "student",
+                source=Path(checkpoint_path).name,
+                epochs_completed=checkpoint["position"]["epoch"] - 1,
+                batches_into_next_epoch=checkpoint["position"]["batch"])
+    weights = out_dir / STUDENT_WEIGHTS
+    tmp = out_dir / (STUDENT_WEIGHTS + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt", "architecture": info["architecture"]})
+    os.chmod(tmp, 0o644)   # safetensors creates it owner-only; a model file is meant to be shared
+    os.replace(tmp, weights)
+    (out_dir / STUDENT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    return weights

@@ -1,0 +1,241 @@
+"""`fastkd`: a thin command line. Each verb parses its arguments, builds a Config and calls
+the engine (or another module's `main(argv)`); no training logic lives here.
+
+    fastkd train CONFIG [key=value ...] [--resume RUN_DIR]
+    fastkd train --resume RUN_DIR [key=value ...]
+    fastkd eval CONFIG|RUN_DIR [key=value ...] [--checkpoint PATH|last|best]
+    fastkd export RUN_DIR [--ema] [--checkpoint last|best|PATH]
+    fastkd methods
+    fastkd data check ROOT [...]
+    fastkd bench loader|kernels [...]
+    fastkd demo [...]
+
+A config mistake (ConfigError), an unsupported student/teacher pairing (UnsupportedPair), a
+teacher head of the wrong size (TeacherHeadMismatch) or unusable data (DataError) prints one
+message on stderr and exits with status 2, no traceback. A run stopped by non-finite losses
+exits with 1, a run stopped by SIGTERM (checkpoint written) with 143, as the signal would.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+import fastkd
+
+EXIT_USAGE, EXIT_FAILED, EXIT_PREEMPTED = 2, 1, 143
+BENCHES = ("loader", "kernels")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from fastkd.config import ConfigError
+    from fastkd.distillers import UnsupportedPair
+    from fastkd.models import TeacherHeadMismatch
+    from fastkd.pipelines import DataError
+    return ConfigError, UnsupportedPair, TeacherHeadMismatch, DataError, FileNotFoundError
+
+
+def _run_stopped() -> tuple[type[BaseException], ...]:
+    from fastkd.engine import NonFiniteLoss
+    return (NonFiniteLoss,)
+
+
+def _split_config_and_overrides(positionals: list[str]) -> tuple[str | None, list[str]]:
+    """`CONFIG key=value ...` or only `key=value ...` (with --resume): the first positional is
+    the config file unless it looks like an override and is not a file."""
+    if positionals and not ("=" in positionals[0] and not Path(positionals[0]).is_file()):
+        return positionals[0], positionals[1:]
+    return None, positionals
+
+
+# ------------------------------------------------------------------------------ verbs
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fastkd.config import ConfigError, load_config
+    from fastkd.distributed import is_primary_process
+    from fastkd.engine import train
+    config, overrides = _split_config_and_overrides(args.args)
+    if config is None and args.resume is None:
+        raise ConfigError("fastkd train: give a CONFIG file (or --resume RUN_DIR)")
+    if config is None:   # resume with the run's own config
+        config = str(Path(args.resume) / "config.yaml")
+    result = train(load_config(config, overrides), resume=args.resume)
+    if result.preempted:
+        return EXIT_PREEMPTED
+    if not is_primary_process():
+        return 0
+    top1 = "-" if result.final_top1 is None else f"{result.final_top1:.2f}%"
+    print(f"done: {result.run_dir} (final top-1 {top1}, {result.img_per_sec:.0f} img/s)")
+    return 0
+
+
+def _run_checkpoint(run_dir: Path, choice: str | None) -> Path:
+    if choice in (None, "last", "best"):
+        return run_dir / f"{choice or 'last'}.pt"
+    return Path(choice)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fastkd.config import load_config
+    from fastkd.distributed import is_primary_process
+    from fastkd.engine import evaluate_config
+    target = Path(args.target)
+    if target.is_dir():
+        cfg = load_config(target / "config.yaml", args.overrides)
+        checkpoint = _run_checkpoint(target, args.checkpoint)
+    else:
+        cfg = load_config(target, args.overrides)
+        checkpoint = None if args.checkpoint is None else Path(args.checkpoint)
+    if checkpoint is not None and not checkpoint.is_file():
+        raise FileNotFoundError(f"no checkpoint at {checkpoint}")
+    results = evaluate_config(cfg, checkpoint)
+    if not is_primary_process():
+        return 0
+    for name in ("eval", "ema"):
+        if f"{name}_top1" in results:
+            label = "student" if name == "eval" else "ema"
+            print(f"{label}: top-1 {results[f'{name}_top1']:.2f}%  top-5 {results[f'{name}_top5']:.2f}%")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fastkd.checkpoint import export_student
+    run_dir = Path(args.run_dir)
+    checkpoint = _run_checkpoint(run_dir, args.checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"no checkpoint at {checkpoint}")
+    weights = export_student(checkpoint, run_dir, ema=args.ema)
+    print(f"wrote {weights} ({'EMA' if args.ema else 'student'} weights of {checkpoint.name})")
+    return 0
+
+
+def methods_table() -> str:
+    """Every registered method and what it needs, as a markdown table."""
+    from fastkd.distillers import DISTILLERS
+
+    def stages(values) -> str:
+        return ",".join(map(str, values)) or "-"
+
+    lines = ["| method | teacher | logits | student stages | teacher stages | teacher graph | "
+             "cache | paper |", "|---|---|---|---|---|---|---|---|"]
+    for name in sorted(DISTILLERS):
+        cls = DISTILLERS[name]
+        n = cls.needs
+        lines.append(
+            f"| {name} | {'yes' if n.teacher else 'no'} | {'yes' if n.teacher_logits else 'no'} | "
+            f"{stages(n.student_stages)} | {stages(n.teacher_stages)} | "
+            f"{'yes' if n.teacher_graph else 'no'} | {'yes' if n.cacheable and n.teacher else 'no'} "
+            f"| {cls.paper} |")
+    return "\n".join(lines)
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    print(methods_table())
+    return 0
+
+
+def run_data_check(argv: list[str]) -> int:
+    from fastkd.pipelines import data_check_main
+    return data_check_main(argv)
+
+
+def _optional_main(module_name: str, what: str):
+    """`module.main`, or None with a message when the module is not part of this install."""
+    try:
+        return importlib.import_module(module_name).main
+    except ModuleNotFoundError as error:
+        if error.name != module_name:
+            raise
+        print(f"fastkd: error: {what} is not available in this installation ({module_name} "
+              f"is missing)", file=sys.stderr)
+        return None
+
+
+def run_bench(scenario: str, argv: list[str]) -> int:
+    scenario_main = _optional_main(f"fastkd.bench.{scenario}", f"bench scenario '{scenario}'")
+    return EXIT_FAILED if scenario_main is None else scenario_main(argv) or 0
+
+
+def run_demo(argv: list[str]) -> int:
+    demo_main = _optional_main("fastkd.demo", "the demo")
+    return EXIT_FAILED if demo_main is None else demo_main(argv) or 0
+
+
+def _passthrough(argv: list[str]):
+    """Verbs whose arguments (including --help) belong to another module's own parser."""
+    if argv[:2] == ["data", "check"]:
+        return lambda: run_data_check(argv[2:])
+    if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHES:
+        return lambda: run_bench(argv[1], argv[2:])
+    if argv[:1] == ["demo"]:
+        return lambda: run_demo(argv[1:])
+    return None
+
+
+# ------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastkd", description="Knowledge distillation for image classification: every method, fast.")
+    parser.add_argument("--version", action="version", version=f"fastkd {fastkd.__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    train = verbs.add_parser("train", help="train (or resume) a run",
+                             description="Train a student; key.sub=value overrides any config key.")
+    train.add_argument("args", nargs="*", metavar="CONFIG [key=value ...]",
+                       help="YAML config, then overrides (with --resume: overrides only)")
+    train.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue RUN_DIR from its last.pt with the run's own config; only "
+                            "harmless keys may be overridden (see fastkd.checkpoint.RESUMABLE_KEYS)")
+    train.set_defaults(handler=cmd_train)
+
+    evaluate = verbs.add_parser("eval", help="top-1/top-5 of a student on the validation split",
+                                description="Evaluate the student of CONFIG or of RUN_DIR.")
+    evaluate.add_argument("target", metavar="CONFIG|RUN_DIR")
+    evaluate.add_argument("overrides", nargs="*", metavar="key=value")
+    evaluate.add_argument("--checkpoint", metavar="PATH|last|best",
+                          help="weights: a fastkd .pt, a state dict or .safetensors file; in a "
+                               "run directory 'last' (default) or 'best'")
+    evaluate.set_defaults(handler=cmd_eval)
+
+    export = verbs.add_parser("export", help="write RUN_DIR/student.safetensors + student.json",
+                              description="(Re)write the student-only weights of a run.")
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("--ema", action="store_true", help="export the EMA weights instead")
+    export.add_argument("--checkpoint", metavar="last|best|PATH", help="default: last")
+    export.set_defaults(handler=cmd_export)
+
+    methods = verbs.add_parser("methods", help="list the distillation methods and their needs")
+    methods.set_defaults(handler=cmd_methods)
+
+    # The three verbs below hand their arguments to another module's parser (`_passthrough`);
+    # these entries only document them and reject what no module would take.
+    data = verbs.add_parser("data", help="data tools: `fastkd data check ROOT [...]`",
+                            description="`fastkd data check ROOT --help` lists the checker's options.")
+    data.add_argument("tool", choices=["check"])
+    bench = verbs.add_parser("bench", help="throughput scenarios: `fastkd bench loader|kernels [...]`",
+                             description="`fastkd bench SCENARIO --help` lists its options.")
+    bench.add_argument("scenario", choices=BENCHES)
+    verbs.add_parser("demo", help="distillation demo on bundled data (`fastkd demo --help`)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        passthrough = _passthrough(argv)
+        if passthrough is not None:
+            return passthrough()
+        args = build_parser().parse_args(argv)
+        return args.handler(args)
+    except (SystemExit, KeyboardInterrupt):
+        raise   # first, so that --help and --version do not import the heavy modules below
+    except _user_errors() as error:
+        print(f"fastkd: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except _run_stopped() as error:
+        print(f"fastkd: stopped: {error}", file=sys.stderr)
+        return EXIT_FAILED

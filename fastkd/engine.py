@@ -1,0 +1,373 @@
+"""The training loop: `train(cfg)` and `evaluate_config(cfg)`, the public Python API.
+
+One step: forward through the distiller (student + method; the teacher is called inside it),
+the named loss terms summed, one tiny all-reduce that makes every rank agree on "all terms
+finite" and "stop requested", then backward, clipping, optimizer, EMA and scheduler.
+
+Host syncs are deliberate and few. Per step there is exactly one: reading that agreement
+vector, because skipping an optimizer step is a host-side decision (fp16's GradScaler reads
+its found-inf flag every step for the same reason). Loss terms accumulate on the device and
+are read only every `train.log_interval` steps and at the end of an epoch.
+
+Resume is exact on a fixed seed: the data order and crops are pure functions of
+(seed, epoch, index), the LR schedule and EMA warm-up are functions of the step counter, and
+the checkpoint carries every rank's RNG states, restored at the very point they were captured.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from timm.utils import dispatch_clip_grad
+from torch import Tensor, nn
+
+from fastkd.build import (AMP_DTYPES, TrainingSetup, build_evaluation, build_training,
+                          check_runnable)
+from fastkd.checkpoint import (BEST, LAST, TrainPosition, export_student, restore_rng_state,
+                               resume_training, save_training_checkpoint)
+from fastkd.config import Config, ConfigError
+from fastkd.distributed import (StopRequest, World, all_reduce_, average_buffers_, barrier,
+                                init_world, seed_everything, shutdown_world)
+from fastkd.rundir import (LossSums, Progress, RunDir, Throughput, environment_record,
+                           format_metrics, open_run)
+
+
+class NonFiniteLoss(RuntimeError):
+    """`train.max_nonfinite` consecutive steps had a NaN/inf loss term; the run stops."""
+
+
+@dataclass
+class RunResult:
+    """What `train` returns; `student` is the trained (bare) timm model."""
+    run_dir: Path
+    model_name: str
+    metrics: dict[str, float]          # the last epoch's summary row
+    final_top1: float | None
+    best_top1: float | None
+    img_per_sec: float
+    student: nn.Module | None = None
+    preempted: bool = False            # stopped by SIGTERM after writing last.pt
+
+
+# ------------------------------------------------------------------------------ small state
+
+
+@dataclass
+class RunState:
+    """The loop's mutable state: position, running epoch meters, clocks, and RNG states
+    waiting to be restored at the point where the interrupted run captured them."""
+    run_dir: RunDir
+    position: TrainPosition
+    epoch_sums: LossSums
+    epoch_clock: Throughput | None = None
+    pending_rng: dict | None = None
+    nonfinite_streak: int = 0
+    train_seconds: float = 0.0
+    samples: int = 0
+
+    def restore_rng_if_pending(self, *, before_iterator: bool) -> None:
+        """An epoch-end checkpoint captured the RNG before the next epoch's loader iterator
+        existed; a mid-epoch one after (creating a DataLoader iterator draws from the global
+        generator). Restoring at the same point keeps the two runs' RNG streams identical."""
+        at_epoch_start = self.position.batch == 0
+        if self.pending_rng is not None and at_epoch_start == before_iterator:
+            restore_rng_state(self.pending_rng)
+            self.pending_rng = None
+
+
+def start_state(setup: TrainingSetup, run_dir: RunDir, checkpoint: dict | None) -> RunState:
+    """Restore from the checkpoint (if any), record env.json, set the LR for the position."""
+    cfg, world = setup.cfg, setup.world
+    position, meters, rng = TrainPosition(), {}, None
+    if checkpoint is not None:
+        position, meters, rng = resume_training(setup, checkpoint)
+    state = RunState(run_dir=run_dir, position=position,
+                     epoch_sums=LossSums.from_state(meters, world.device), pending_rng=rng)
+    env = environment_record(device=world.device, world_size=world.world_size,
+                             global_batch=cfg.train.batch_size * world.world_size, lr=setup.lr,
+                             lr_rule=setup.lr_rule)
+    run_dir.write_env(env, resumed_at=None if checkpoint is None else
+                      {"epoch": position.epoch, "batch": position.batch})
+    if cfg.output.tensorboard:
+        run_dir.open_tensorboard(purge_step=position.global_step if checkpoint else None)
+    if setup.scheduler is not None:   # the LR of the position (both calls: one is a no-op)
+        setup.scheduler.step(position.epoch - 1)
+        setup.scheduler.step_update(num_updates=position.global_step)
+    student = sum(p.numel() for p in setup.distiller.student.parameters())
+    where = ("from scratch" if checkpoint is None
+             else f"resumed at epoch {position.epoch}, batch {position.batch}")
+    run_dir.log(f"run {run_dir.path} ({where}): {cfg.distill.method}, student {cfg.model.name} "
+                f"({student / 1e6:.2f}M params, method parts "
+                f"{setup.distiller.extra_parameter_count() / 1e6:.2f}M), teacher "
+                f"{cfg.teacher.name if setup.teacher is not None else '-'}; {world.world_size} "
+                f"process(es) on {world.device}, global batch {cfg.train.batch_size * world.world_size}, "
+                f"{setup.steps_per_epoch} steps/epoch; lr {setup.lr_rule}")
+    return state
+
+
+def save_state(setup: TrainingSetup, state: RunState, *, also: str | None = None) -> None:
+    save_training_checkpoint(setup, state.run_dir.path, state.position, state.epoch_sums.state(),
+                             also=also)
+
+
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The largest group LR (layer decay scales the others down)."""
+    return max(group["lr"] for group in optimizer.param_groups)
+
+
+# ------------------------------------------------------------------------------ one epoch
+
+
+def _agree(terms: dict[str, Tensor], stop: bool, world: World) -> tuple[list[bool], bool]:
+    """Per-term finiteness and the stop request, AND-ed over ranks: one small all-reduce and
+    the step's only host read."""
+    device = next(iter(terms.values())).device
+    flags = [torch.isfinite(value.detach()).all().float() for value in terms.values()]
+    flags.append(torch.full((), float(not stop), device=device))   # a fill, no host copy
+    agreed = all_reduce_(torch.stack(flags), world, op="min").tolist()
+    return [bool(f) for f in agreed[:-1]], not bool(agreed[-1])
+
+
+def _update(setup: TrainingSetup, loss: Tensor, params: list[nn.Parameter], global_step: int):
+    """Backward, clipping, optimizer step, EMA. GradScaler skips fp16 overflow steps itself."""
+    cfg, optimizer, scaler = setup.cfg, setup.optimizer, setup.scaler
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if cfg.train.clip_grad is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)   # clip true gradients, not scaled ones
+        dispatch_clip_grad(params, cfg.train.clip_grad, mode=cfg.train.clip_mode)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if setup.ema is not None:
+        setup.ema.update(setup.distiller.student, step=global_step)
+
+
+def train_step(setup: TrainingSetup, state: RunState, batch, params: list[nn.Parameter], *,
+               stop_requested: bool) -> tuple[dict[str, Tensor] | None, bool]:
+    """Forward, agree, update. Returns the step's loss terms (None when the step was skipped
+    for a non-finite term) and whether all ranks agreed to stop after it."""
+    images, labels, indices = batch
+    world, position, amp = setup.world, state.position, setup.amp_dtype
+    fraction = position.epoch + position.batch / setup.steps_per_epoch   # 1-based, fractional
+    with torch.autocast(world.device.type, dtype=amp, enabled=amp is not None):
+        _, terms = setup.model(images, labels, epoch=fraction, indices=indices)
+    if not terms:
+        raise ConfigError(f"method '{setup.cfg.distill.method}' returned no loss terms "
+                          f"(distill.gt_weight: 0 with a method that has no loss of its own?)")
+    finite, stop_now = _agree(terms, stop_requested, world)
+    position.global_step += 1
+    if all(finite):
+        loss = torch.stack([t.float() for t in terms.values()]).sum()
+        _update(setup, loss, params, position.global_step)
+        state.nonfinite_streak = 0
+        return terms, stop_now
+    state.nonfinite_streak += 1
+    if state.nonfinite_streak >= setup.cfg.train.max_nonfinite:
+        bad = [name for name, ok in zip(terms, finite) if not ok]
+        raise NonFiniteLoss(
+            f"non-finite loss term(s) {', '.join(bad)} for {state.nonfinite_streak} consecutive "
+            f"steps (epoch {position.epoch}, step {position.batch + 1}); the steps were skipped, "
+            f"no weights changed. Try a lower optim.lr, train.clip_grad, or train.amp=fp32")
+    return None, stop_now
+
+
+def train_one_epoch(setup: TrainingSetup, state: RunState, progress: Progress,
+                    stop: StopRequest) -> bool:
+    """Train epoch `state.position.epoch` from batch `state.position.batch`; True when stopped
+    by a stop request (a checkpoint has then been written)."""
+    cfg, position, steps = setup.cfg, state.position, setup.steps_per_epoch
+    params = setup.trainable_parameters
+    setup.model.train()
+    setup.train_loader.set_epoch(position.epoch, position.batch)
+    progress.start_epoch(position.epoch, steps, position.batch)
+    state.restore_rng_if_pending(before_iterator=True)
+    batches = iter(setup.train_loader)
+    state.restore_rng_if_pending(before_iterator=False)
+    window, clock = LossSums(), Throughput()
+    state.epoch_clock = state.epoch_clock or Throughput()
+    while position.batch < steps:
+        waited = time.perf_counter()
+        batch = next(batches)
+        waited = time.perf_counter() - waited
+        terms, stop_now = train_step(setup, state, batch, params, stop_requested=stop.requested)
+        if terms is None:
+            window.skipped += 1
+        else:
+            window.add(terms)
+        if setup.scheduler is not None:
+            setup.scheduler.step_update(num_updates=position.global_step)
+        position.batch += 1
+        for c in (clock, state.epoch_clock):
+            c.samples += batch.images.shape[0]
+            c.data_wait += waited
+        progress.advance()
+        if position.batch % cfg.train.log_interval == 0 or position.batch == steps:
+            _report(setup, state, progress, window, clock)
+            window, clock = LossSums(), Throughput()
+        interval = cfg.train.checkpoint_interval
+        if stop_now or (interval and position.global_step % interval == 0 and position.batch < steps):
+            state.epoch_sums.merge_(window)
+            window = LossSums()
+            save_state(setup, state)
+            if stop_now:
+                progress.end_epoch()
+                return True
+    progress.end_epoch()
+    return False
+
+
+def _report(setup: TrainingSetup, state: RunState, progress: Progress, window: LossSums,
+            clock: Throughput) -> None:
+    """Read the window's metrics (the sync every log_interval steps), log them, and fold the
+    window into the epoch's sums."""
+    values = window.means(setup.world)
+    values.update(lr=current_lr(setup.optimizer), **clock.values(setup.world.world_size))
+    if window.skipped:
+        values["skipped"] = float(window.skipped)
+    progress.report(state.position.batch, values)
+    state.run_dir.scalars(state.position.global_step, values, prefix="train/")
+    state.epoch_sums.merge_(window)
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+def top_k_hits(logits: Tensor, labels: Tensor, indices: Tensor) -> Tensor:
+    """[top-1 hits, top-5 hits, samples] of one batch, padding (index −1) excluded."""
+    valid = indices >= 0
+    if labels.dim() == 2:
+        labels = labels.argmax(dim=-1)
+    k = min(5, logits.shape[-1])
+    hits = logits.topk(k, dim=-1).indices.eq(labels[:, None]) & valid[:, None]
+    return torch.stack([hits[:, :1].sum(), hits.sum(), valid.sum()])
+
+
+@torch.no_grad()
+def evaluate(models: dict[str, nn.Module], loader, *, world: World,
+             amp_dtype: torch.dtype | None) -> dict[str, float]:
+    """Top-1/top-5 (%) of each model over the validation split, in one pass over the data:
+    `{"eval": student, "ema": ema}` → eval_top1, eval_top5, ema_top1, ema_top5. Counts are
+    summed over ranks before dividing, so every image counts once whatever the world size."""
+    modes = {name: model.training for name, model in models.items()}
+    for model in models.values():
+        model.eval()
+    counts = {name: torch.zeros(3, dtype=torch.int64, device=world.device) for name in models}
+    loader.set_epoch(1)
+    for images, labels, indices in loader:
+        with torch.autocast(world.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            for name, model in models.items():
+                counts[name] += top_k_hits(model(images), labels, indices)
+    results = {}
+    for name, model in models.items():
+        top1, top5, seen = all_reduce_(counts[name], world).tolist()
+        results[f"{name}_top1"] = 100.0 * top1 / max(seen, 1)
+        results[f"{name}_top5"] = 100.0 * top5 / max(seen, 1)
+        model.train(modes[name])
+    return results
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+def _epoch_end(setup: TrainingSetup, state: RunState) -> dict:
+    """Evaluate when due, step the per-epoch schedule, write the summary row and checkpoints."""
+    cfg, position = setup.cfg, state.position
+    epoch = position.epoch
+    train_seconds = time.perf_counter() - state.epoch_clock.start
+    throughput = state.epoch_clock.values(setup.world.world_size)   # training only, not eval
+    row = {"epoch": epoch, **state.epoch_sums.means(setup.world),
+           "skipped_steps": state.epoch_sums.skipped}
+    average_buffers_(setup.distiller, setup.world)
+    if setup.ema is not None:
+        average_buffers_(setup.ema, setup.world)
+    if epoch % cfg.train.eval_interval == 0 or epoch == cfg.train.epochs:
+        models = {"eval": setup.distiller.student}
+        if setup.ema is not None:
+            models["ema"] = setup.ema.module
+        row.update(evaluate(models, setup.val_loader, world=setup.world, amp_dtype=setup.amp_dtype))
+    row.update(lr=current_lr(setup.optimizer), **throughput)
+    row["epoch_seconds"] = time.perf_counter() - state.epoch_clock.start
+    state.train_seconds += train_seconds
+    state.samples += state.epoch_clock.samples
+    if setup.scheduler is not None:
+        setup.scheduler.step(epoch)          # epochs completed (no-op for per-update schedules)
+    improved = "eval_top1" in row and (position.best_top1 is None or row["eval_top1"] > position.best_top1)
+    if improved:
+        position.best_top1, position.best_epoch = row["eval_top1"], epoch
+    position.epoch, position.batch = epoch + 1, 0
+    state.epoch_sums, state.epoch_clock = LossSums(), None
+    state.run_dir.append_summary(row)
+    state.run_dir.scalars(position.global_step, {k: v for k, v in row.items() if k != "epoch"},
+                          prefix="epoch/")
+    state.run_dir.log(f"epoch {epoch} done: {format_metrics({k: v for k, v in row.items() if k != 'epoch'})}")
+    save_state(setup, state, also=BEST if improved and cfg.output.save_best else None)
+    return row
+
+
+def train(cfg: Config, *, resume: str | Path | None = None) -> RunResult:
+    """Train (or resume) one run; returns where it is and what it reached.
+
+    `resume` is a run directory: its `last.pt` is loaded, and `cfg` may differ from the run's
+    own config only in the keys `fastkd.checkpoint.RESUMABLE_KEYS` lists (a ConfigError
+    otherwise)."""
+    check_runnable(cfg)
+    world = init_world(cfg.train.device)
+    stop = StopRequest()
+    stop.install()
+    state = None
+    try:
+        cfg, run_dir, checkpoint = open_run(cfg, resume, world)
+        # Same seed on every rank while building (identical initial weights, so the EMA copies
+        # agree before DDP's broadcast), then seed + rank for everything random in training.
+        seed_everything(cfg.train.seed)
+        setup = build_training(cfg, world)
+        seed_everything(cfg.train.seed + world.rank)
+        run_dir.begin(cfg, checkpoint)
+        state = start_state(setup, run_dir, checkpoint)
+        progress = Progress(run_dir)
+        last_row: dict = {}
+        while state.position.epoch <= cfg.train.epochs:
+            if train_one_epoch(setup, state, progress, stop):
+                run_dir.log(f"stop requested (SIGTERM): checkpoint written at epoch "
+                            f"{state.position.epoch}, batch {state.position.batch}; resume with "
+                            f"`fastkd train --resume {run_dir.path}`")
+                return _result(setup, state, preempted=True)
+            last_row = _epoch_end(setup, state)
+        barrier(world)
+        if world.is_primary:
+            export_student(run_dir.file(LAST), run_dir.path)
+        return _result(setup, state, row=last_row)
+    finally:
+        stop.uninstall()
+        if state is not None:
+            state.run_dir.close()
+        shutdown_world(world)
+
+
+def _result(setup: TrainingSetup, state: RunState, *, row: dict | None = None,
+            preempted: bool = False) -> RunResult:
+    if not row:
+        rows = state.run_dir.read_summary() if state.run_dir.writer else []
+        row = {k: float(v) for k, v in rows[-1].items() if v != ""} if rows else {}
+    return RunResult(run_dir=state.run_dir.path, model_name=setup.cfg.model.name, metrics=row,
+                     final_top1=row.get("eval_top1"), best_top1=state.position.best_top1,
+                     img_per_sec=state.samples * setup.world.world_size / max(state.train_seconds, 1e-9),
+                     student=setup.distiller.student, preempted=preempted)
+
+
+def evaluate_config(cfg: Config, checkpoint: str | Path | None = None) -> dict[str, float]:
+    """Top-1/top-5 of the student `cfg` describes on `data.val_split`, with the weights of
+    `checkpoint` (a fastkd `.pt` — its EMA weights are evaluated too when present — or any
+    state-dict file `fastkd.models.load_state_dict_file` reads) or of `model.checkpoint`."""
+    world = init_world(cfg.train.device)
+    try:
+        models, loader = build_evaluation(cfg, world, checkpoint)
+        return evaluate(models, loader, world=world, amp_dtype=AMP_DTYPES[cfg.train.amp])
+    finally:
+        shutdown_world(world)

@@ -1,0 +1,376 @@
+"""The run directory and what a run reports: files, summary.csv, TensorBoard, progress lines.
+
+Layout of `output.dir/<name>` (name default `<method>-<student>-<YYYYmmdd-HHMMSS>`):
+
+    config.yaml          the effective config (a valid config: `fastkd train` reproduces the run)
+    env.json             versions, device, world size, global batch, LR rule, git SHA
+    summary.csv          one row per epoch (timm's habit): epoch, loss terms, train_loss,
+                         eval_top1/top5, ema_top1/top5, lr, img_per_sec, data_wait, epoch_seconds
+    log.txt              the progress lines
+    tensorboard/         event files (when output.tensorboard)
+    last.pt, best.pt     training checkpoints (fastkd.checkpoint)
+    student.safetensors  the student alone, loadable by timm; student.json describes it
+
+Only rank 0 writes; on other ranks every method is a no-op, so callers need no rank checks.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from fastkd.checkpoint import LAST, load_checkpoint, resume_config
+from fastkd.config import Config, ConfigError, dump_config, replace
+from fastkd.distributed import World, all_reduce_, broadcast_object
+
+CONFIG_FILE, ENV_FILE, SUMMARY_FILE, LOG_FILE, TB_DIR = (
+    "config.yaml", "env.json", "summary.csv", "log.txt", "tensorboard")
+
+
+def default_run_name(cfg: Config) -> str:
+    """`<method>-<student>-<YYYYmmdd-HHMMSS>`, with `-2`, `-3`... when runs start in the same
+    second (a sweep launching several runs at once)."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = base = f"{cfg.distill.method}-{cfg.model.name}-{stamp}"
+    count = 1
+    while (Path(cfg.output.dir) / name).exists():
+        count += 1
+        name = f"{base}-{count}"
+    return name
+
+
+class RunDir:
+    """Files of one run. `writer=False` (ranks > 0) turns every write into a no-op."""
+
+    def __init__(self, path: str | Path, *, writer: bool = True):
+        self.path = Path(path)
+        self.writer = writer
+        self._tensorboard = None
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    # ------------------------------------------------------------------ setting up
+
+    def check_free(self) -> None:
+        """A new run must not land on an existing one (checked before any work)."""
+        if self.file(LAST).exists():
+            raise ConfigError(f"{self.path} already holds a run (last.pt); resume it with "
+                              f"`fastkd train --resume {self.path}` or set another output.name")
+
+    def begin(self, cfg: Config, checkpoint: dict | None) -> None:
+        """Called once the run is built (so a start-up error leaves no directory behind):
+        create the directory, drop summary rows after a resumed checkpoint (a run killed
+        between its summary row and its checkpoint redoes that epoch), write config.yaml."""
+        if not self.writer:
+            return
+        if checkpoint is None:
+            self.check_free()
+            self.path.mkdir(parents=True, exist_ok=True)
+        else:
+            self.truncate_summary(checkpoint["position"]["epoch"] - 1)
+        self.write_config(cfg)
+
+    def write_config(self, cfg: Config) -> None:
+        if self.writer:
+            dump_config(cfg, self.file(CONFIG_FILE))
+
+    def write_env(self, env: dict, *, resumed_at: dict | None = None) -> None:
+        """env.json for a new run; a resume appends its own record under "resumes"."""
+        if not self.writer:
+            return
+        path = self.file(ENV_FILE)
+        if resumed_at is not None and path.exists():
+            record = json.loads(path.read_text())
+            record.setdefault("resumes", []).append({**env, "resumed_at": resumed_at})
+            env = record
+        path.write_text(json.dumps(env, indent=2) + "\n")
+
+    # ------------------------------------------------------------------ summary.csv
+
+    def read_summary(self) -> list[dict[str, str]]:
+        path = self.file(SUMMARY_FILE)
+        if not path.exists():
+            return []
+        with open(path, newline="") as handle:
+            return list(csv.DictReader(handle))
+
+    def append_summary(self, row: dict) -> None:
+        """Append one epoch row. A new column (a loss term first seen, eval columns on the
+        first eval epoch) rewrites the file with the wider header; the file is small."""
+        if not self.writer:
+            return
+        rows = self.read_summary()
+        columns = list(rows[0].keys()) if rows else []
+        columns += [key for key in row if key not in columns]
+        self._write_summary(columns, rows + [{k: _csv_value(v) for k, v in row.items()}])
+
+    def truncate_summary(self, last_epoch: int) -> None:
+        """Drop rows after `last_epoch`: a run killed between its summary row and its checkpoint
+        redoes that epoch on resume, and must not list it twice."""
+        if not self.writer:
+            return
+        rows = self.read_summary()
+        kept = [row for row in rows if int(row["epoch"]) <= last_epoch]
+        if rows and len(kept) != len(rows):
+            self._write_summary(list(rows[0].keys()), kept)
+
+    def _write_summary(self, columns: list[str], rows: list[dict]) -> None:
+        tmp = self.file(SUMMARY_FILE + ".tmp")
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.file(SUMMARY_FILE))
+
+    # ------------------------------------------------------------------ logs
+
+    def log(self, line: str) -> None:
+        """A progress line: stdout (flushed, for cluster logs) and log.txt."""
+        if not self.writer:
+            return
+        print(line, flush=True)
+        with open(self.file(LOG_FILE), "a") as handle:
+            handle.write(line + "\n")
+
+    def open_tensorboard(self, purge_step: int | None = None) -> None:
+        """Start the TensorBoard writer; on resume `purge_step` drops events the killed run
+        wrote after its checkpoint."""
+        if self.writer:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tensorboard = SummaryWriter(str(self.file(TB_DIR)), purge_step=purge_step)
+
+    def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
+        if self._tensorboard is not None:
+            for name, value in values.items():
+                if value is not None:
+                    self._tensorboard.add_scalar(prefix + name, value, step)
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+
+
+def open_run(cfg: Config, resume: str | Path | None, world: World
+             ) -> tuple[Config, RunDir, dict | None]:
+    """A new run directory, or the one being resumed with its last checkpoint; reads only
+    (`RunDir.begin` writes, once the run is built).
+
+    New: `output.dir/<output.name or default name>` (rank 0 picks the timestamped name and
+    broadcasts it), the name filled into the config. Resume: `resume/last.pt` loaded
+    (weights_only) and the config checked against the checkpoint's (`resume_config`).
+    """
+    if resume is None:
+        name = broadcast_object(cfg.output.name or default_run_name(cfg), world)
+        cfg = replace(cfg, output={"name": name})
+        run_dir = RunDir(Path(cfg.output.dir) / name, writer=world.is_primary)
+        run_dir.check_free()
+        return cfg, run_dir, None
+    path = Path(resume)
+    if not (path / LAST).is_file():
+        raise ConfigError(f"--resume {path}: no {LAST} there (not a fastkd run directory, or "
+                          f"the run was stopped before its first checkpoint)")
+    checkpoint = load_checkpoint(path / LAST)
+    cfg = resume_config(checkpoint["config"], cfg)
+    return cfg, RunDir(path, writer=world.is_primary), checkpoint
+
+
+def _csv_value(value):
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)   # full precision: resumed and uninterrupted runs compare exactly
+    return value
+
+
+# ---------------------------------------------------------------------- environment record
+
+
+def git_sha() -> str | None:
+    """The commit of the fastkd source tree, when it is a git checkout."""
+    source = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module, fromlist=["__version__"]).__version__
+    except ImportError:
+        return None
+
+
+def environment_record(*, device: torch.device, world_size: int, global_batch: int,
+                       lr: float, lr_rule: str) -> dict:
+    """What a result depends on beyond the config (users.md §0.3: global batch, world size and
+    versions are the first suspects when a number does not reproduce)."""
+    import fastkd
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return {
+        "fastkd": fastkd.__version__,
+        "git_sha": git_sha(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "timm": _version("timm"),
+        "triton": _version("triton"),
+        "dali": _version("nvidia.dali"),
+        "device": device_name,
+        "world_size": world_size,
+        "global_batch": global_batch,
+        "lr": lr,
+        "lr_rule": lr_rule,
+        "metric": "top-1/top-5 (%) over every validation image once (padding excluded, "
+                  "counts summed over ranks); best.pt by the student's top-1",
+        "command": " ".join(sys.argv),
+        "host": platform.node(),
+        "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+
+
+# ------------------------------------------------------------------------------- meters
+
+
+class LossSums:
+    """Device-side sums of the loss terms over finite steps; never read unless asked."""
+
+    def __init__(self):
+        self.sums: dict[str, Tensor] = {}
+        self.steps = 0
+        self.skipped = 0
+
+    def add(self, terms: dict[str, Tensor]) -> None:
+        for name, value in terms.items():
+            value = value.detach().float()
+            self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
+        self.steps += 1
+
+    def merge_(self, other: LossSums) -> None:
+        for name, value in other.sums.items():
+            self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
+        self.steps += other.steps
+        self.skipped += other.skipped
+
+    def means(self, world: World) -> dict[str, float]:
+        """Mean of each term over the finite steps of every rank (a sync and a collective)."""
+        if not self.sums:
+            return {}
+        names = list(self.sums)
+        totals = torch.stack([self.sums[n] for n in names] +
+                             [torch.tensor(float(self.steps), device=self.sums[names[0]].device)])
+        totals = all_reduce_(totals, world).tolist()
+        steps = max(totals[-1], 1.0)
+        means = {name: total / steps for name, total in zip(names, totals)}
+        means["train_loss"] = sum(means[n] for n in names)
+        return means
+
+    def state(self) -> dict[str, Tensor]:
+        return {**self.sums, "_steps": torch.tensor(self.steps), "_skipped": torch.tensor(self.skipped)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor], device: torch.device) -> LossSums:
+        sums = cls()
+        sums.steps = int(state.get("_steps", 0))
+        sums.skipped = int(state.get("_skipped", 0))
+        sums.sums = {k: v.to(device) for k, v in state.items() if not k.startswith("_")}
+        return sums
+
+
+@dataclass
+class Throughput:
+    """Host-side clocks: samples, wall time and time blocked on the loader."""
+    samples: int = 0
+    data_wait: float = 0.0
+    start: float = field(default_factory=time.perf_counter)
+
+    def values(self, world_size: int) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return {"img_per_sec": self.samples * world_size / elapsed,
+                "data_wait": self.data_wait / elapsed}
+
+
+# ------------------------------------------------------------------------------- progress
+
+
+def format_metrics(values: dict[str, float]) -> str:
+    """`loss_gt 1.234 loss_kd 0.5 lr 1.00e-01 512 img/s data 3.1%` (known keys get units)."""
+    parts = []
+    for name, value in values.items():
+        if name == "lr":
+            parts.append(f"lr {value:.2e}")
+        elif name == "img_per_sec":
+            parts.append(f"{value:.0f} img/s")
+        elif name == "data_wait":
+            parts.append(f"data {100 * value:.1f}%")
+        elif name == "epoch_seconds":
+            parts.append(f"{value:.1f} s")
+        elif name.endswith(("_top1", "_top5")):
+            parts.append(f"{name} {value:.2f}")
+        else:
+            parts.append(f"{name} {value:.4g}")
+    return " ".join(parts)
+
+
+class Progress:
+    """tqdm on a terminal (rank 0), otherwise one line every `log_interval` steps.
+
+    The engine calls `advance` every step (cheap: no GPU read) and `report` only at the steps
+    where it has read the metrics from the device.
+    """
+
+    def __init__(self, run_dir: RunDir, *, interactive: bool | None = None):
+        self.run_dir = run_dir
+        if interactive is None:
+            interactive = run_dir.writer and sys.stderr.isatty()
+        self.interactive = interactive and run_dir.writer
+        self._bar = None
+        self._epoch = 0
+        self._total = 0
+
+    def start_epoch(self, epoch: int, total_steps: int, done_steps: int = 0) -> None:
+        self._epoch, self._total = epoch, total_steps
+        if self.interactive:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total_steps, initial=done_steps, desc=f"epoch {epoch}",
+                             dynamic_ncols=True, leave=True)
+
+    def advance(self) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def report(self, step: int, values: dict[str, float]) -> None:
+        """`values` already read to the host (loss terms, lr, img/s, data-wait fraction)."""
+        if self._bar is not None:
+            self._bar.set_postfix_str(format_metrics(values), refresh=False)
+            with open(self.run_dir.file(LOG_FILE), "a") as handle:
+                handle.write(self._line(step, values) + "\n")
+        else:
+            self.run_dir.log(self._line(step, values))
+
+    def _line(self, step: int, values: dict[str, float]) -> str:
+        width = len(str(self._total))
+        stamp = time.strftime("%H:%M:%S")
+        return f"{stamp} epoch {self._epoch} [{step:>{width}}/{self._total}] {format_metrics(values)}"
+
+    def end_epoch(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

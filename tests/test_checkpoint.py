@@ -1,0 +1,145 @@
+"""Checkpoint contents and files: weights_only loading, no teacher weights, RNG round trip,
+atomic writes, the resume-override policy, the student export (EMA included)."""
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import timm
+import torch
+from timm.utils import ModelEmaV3
+
+from fastkd.checkpoint import (TrainPosition, atomic_save, capture_rng_state, export_student,
+                               load_checkpoint, make_checkpoint, restore_rng_state,
+                               resume_config, student_state_dict)
+from fastkd.config import ConfigError, config_to_dict, load_config
+from fastkd.distillers.base import Vanilla
+from fastkd.models import Teacher
+
+
+class WithProjector(Vanilla):
+    """A method with a trainable part of its own, and a teacher."""
+    name = "projector_test"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.projector = torch.nn.Linear(4, 4)
+
+
+def tiny_distiller() -> WithProjector:
+    student = timm.create_model("test_resnet", num_classes=4)
+    teacher = Teacher(timm.create_model("test_vit", num_classes=4, img_size=32), amp_dtype=None)
+    return WithProjector(student, teacher, None, num_classes=4)
+
+
+def checkpoint_of(distiller, *, ema: bool = False) -> dict:
+    optimizer = torch.optim.SGD(distiller.parameters(), lr=0.1, momentum=0.9)
+    distiller(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))[1]["loss_gt"].backward()
+    optimizer.step()
+    return make_checkpoint(
+        distiller=distiller, optimizer=optimizer, scheduler=None, scaler=None,
+        ema=ModelEmaV3(distiller.student, decay=0.5) if ema else None,
+        position=TrainPosition(epoch=2, batch=3, global_step=7, best_top1=50.0, best_epoch=1),
+        config=config_to_dict(load_config(None)), rng_states=[capture_rng_state()],
+        epoch_meters={"loss_gt": torch.tensor(1.5), "_steps": torch.tensor(3)},
+        student_info={"architecture": "test_resnet", "num_classes": 4, "model_kwargs": {}})
+
+
+def test_checkpoint_holds_student_and_method_parts_but_no_teacher(tmp_path):
+    distiller = tiny_distiller()
+    atomic_save(checkpoint_of(distiller, ema=True), tmp_path / "last.pt")
+    loaded = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
+    keys = set(loaded["distiller"])
+    assert {"projector.weight", "projector.bias"} <= keys
+    assert all(k.startswith(("student.", "projector.")) for k in keys)
+    assert len(keys) == len(distiller.student.state_dict()) + 2, "teacher weights leaked in"
+    assert loaded["optimizer"]["state"], "momentum buffers are saved"
+    assert loaded["position"]["global_step"] == 7 and loaded["ema"] is not None
+    assert load_checkpoint(tmp_path / "last.pt")["position"]["batch"] == 3
+
+
+def test_load_checkpoint_rejects_foreign_files(tmp_path):
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a fastkd checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_atomic_save_keeps_the_previous_file_when_writing_fails(tmp_path):
+    path = tmp_path / "last.pt"
+    atomic_save({"version": 1, "value": torch.tensor(1)}, path)
+    with pytest.raises(Exception):
+        atomic_save({"unpicklable": lambda: None}, path)
+    assert torch.load(path, weights_only=True)["value"].item() == 1
+
+
+def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    atomic_save({"rng": capture_rng_state()}, tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
+    again = (random.random(), np.random.rand(), torch.rand(3))
+    assert expected[:2] == again[:2] and torch.equal(expected[2], again[2])
+
+
+def test_resume_allows_only_harmless_overrides():
+    saved = config_to_dict(load_config(None, ["output.name=a", "output.dir=runs"]))
+    longer = resume_config(saved, load_config(None, ["train.epochs=5", "output.name=other",
+                                                     "data.num_workers=1"]))
+    assert longer.train.epochs == 5 and longer.output.name == "a" and longer.output.dir == "runs"
+    with pytest.raises(ConfigError, match="optim.lr") as error:
+        resume_config(saved, load_config(None, ["optim.lr=0.3", "train.batch_size=7"]))
+    assert "train.batch_size" in str(error.value) and "train.epochs" in str(error.value)
+    with pytest.raises(ConfigError, match="distill.params"):
+        resume_config(saved, load_config(None, ["distill.params={temperature: 2}"]))
+
+
+def test_export_writes_student_or_ema_weights_loadable_by_timm(tmp_path):
+    from safetensors.torch import load_file
+    distiller = tiny_distiller()
+    checkpoint = checkpoint_of(distiller, ema=True)
+    with torch.no_grad():   # make the EMA differ from the student
+        for value in checkpoint["ema"].values():
+            if value.is_floating_point():
+                value.add_(1.0)
+    atomic_save(checkpoint, tmp_path / "last.pt")
+    for ema in (False, True):
+        export_student(tmp_path / "last.pt", tmp_path, ema=ema)
+        weights = load_file(tmp_path / "student.safetensors")
+        model = timm.create_model("test_resnet", num_classes=4)
+        model.load_state_dict(weights, strict=True)
+        expected = student_state_dict(checkpoint, ema=ema)
+        assert all(torch.equal(weights[k], expected[k]) for k in expected)
+        info = json.loads((tmp_path / "student.json").read_text())
+        assert info["weights"] == ("ema" if ema else "student") and info["num_classes"] == 4
+        assert info["epochs_completed"] == 1 and info["batches_into_next_epoch"] == 3
+    assert not torch.equal(student_state_dict(checkpoint)["fc.weight"],
+                           student_state_dict(checkpoint, ema=True)["fc.weight"])
+    atomic_save(checkpoint_of(tiny_distiller()), tmp_path / "no_ema.pt")
+    with pytest.raises(ConfigError, match="no EMA"):
+        export_student(tmp_path / "no_ema.pt", tmp_path, ema=True)
+
+
+def test_other_world_size_resumes_at_epoch_boundaries_only(tmp_path):
+    from fastkd.engine import train
+    from test_engine import make_image_folder, write_config
+    make_image_folder(tmp_path / "data")
+    cfg = load_config(write_config(tmp_path, train={"epochs": 1, "max_steps_per_epoch": 2}))
+    run_dir = train(cfg).run_dir
+    checkpoint = load_checkpoint(run_dir / "last.pt")
+    checkpoint["rng"] = checkpoint["rng"] * 2               # as if written by 2 processes
+    atomic_save(checkpoint, run_dir / "last.pt")
+    with pytest.warns(UserWarning, match="resuming a run of 2 process"):
+        train(load_config(run_dir / "config.yaml", ["train.epochs=2"]), resume=run_dir)
+    assert load_checkpoint(run_dir / "last.pt")["position"]["global_step"] == 4
+
+    checkpoint = load_checkpoint(run_dir / "last.pt")
+    checkpoint["rng"] = checkpoint["rng"] * 2
+    checkpoint["position"].update(epoch=2, batch=1)
+    atomic_save(checkpoint, run_dir / "last.pt")
+    with pytest.raises(ConfigError, match="same number of processes"):
+        train(load_config(run_dir / "config.yaml"), resume=run_dir)
