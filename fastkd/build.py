@@ -115,14 +115,22 @@ def build_teacher(cfg: Config, num_classes: int, *, student_mean_std, device: to
     return teacher.to(device)
 
 
-def build_distiller(cfg: Config, student: nn.Module, teacher: Teacher | None,
-                    num_classes: int) -> Distiller:
-    """The method around the student; `UnsupportedPair` for a pairing it cannot serve."""
+def build_distiller(cfg: Config, student: nn.Module, teacher: Teacher | None, num_classes: int,
+                    *, input_size: tuple[int, int, int], num_samples: int) -> Distiller:
+    """The method around the student; `UnsupportedPair` for a pairing it cannot serve.
+
+    Projectors are shaped at the training `input_size`. A method that reads dataset indices
+    (CRD's memory bank) gets the training-set size as `num_samples` unless the config sets it.
+    """
     method = get_distiller_class(cfg.distill.method)
-    params = build_params(cfg.distill.method, cfg.distill.params)
+    params = dict(cfg.distill.params)
+    if method.needs.indices:
+        params.setdefault("num_samples", num_samples)
+    params = build_params(cfg.distill.method, params)
     method.check_pair(model_family(student), teacher.family if teacher is not None else None)
     return method(student, teacher, params, num_classes=num_classes,
-                  gt_weight=cfg.distill.gt_weight, label_smoothing=cfg.data.label_smoothing)
+                  gt_weight=cfg.distill.gt_weight, label_smoothing=cfg.data.label_smoothing,
+                  input_size=input_size)
 
 
 # ------------------------------------------------------------------------------ optimization
@@ -202,7 +210,7 @@ def wrap_ddp(distiller: Distiller, world: World) -> nn.Module:
     device_ids = [world.device.index] if world.device.type == "cuda" else None
     return DistributedDataParallel(
         distiller, device_ids=device_ids,
-        find_unused_parameters=bool(getattr(distiller, "find_unused_parameters", False)))
+        find_unused_parameters=distiller.find_unused_parameters)
 
 
 # ------------------------------------------------------------------------------------ loaders
@@ -278,7 +286,9 @@ def build_training(cfg: Config, world: World) -> TrainingSetup:
     elif cfg.teacher.name is not None:
         warnings.warn(f"distill.method '{cfg.distill.method}' uses no teacher; teacher.name "
                       f"'{cfg.teacher.name}' is ignored", stacklevel=2)
-    distiller = build_distiller(cfg, student, teacher, num_classes).to(device)
+    distiller = build_distiller(cfg, student, teacher, num_classes,
+                                input_size=tuple(info["input_size"]),
+                                num_samples=train_loader.num_samples).to(device)
     if cfg.train.channels_last:
         distiller.to(memory_format=torch.channels_last)
     steps = len(train_loader)

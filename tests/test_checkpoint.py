@@ -126,7 +126,7 @@ def test_export_writes_student_or_ema_weights_loadable_by_timm(tmp_path):
 
 def test_other_world_size_resumes_at_epoch_boundaries_only(tmp_path):
     from fastkd.engine import train
-    from test_engine import make_image_folder, write_config
+    from run_helpers import make_image_folder, write_config
     make_image_folder(tmp_path / "data")
     cfg = load_config(write_config(tmp_path, train={"epochs": 1, "max_steps_per_epoch": 2}))
     run_dir = train(cfg).run_dir

@@ -14,7 +14,7 @@ from fastkd.cli import main, methods_table, run_bench
 from fastkd.distillers import DISTILLERS
 from fastkd.distillers.base import Vanilla
 
-from test_engine import NUM_CLASSES, make_image_folder, write_config
+from run_helpers import NUM_CLASSES, make_image_folder, write_config
 
 VERBS = ("train", "eval", "export", "methods", "data", "bench")
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from test_engine import make_image_folder, read_summary, tiny_config
+from run_helpers import make_image_folder, read_summary, tiny_config
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

@@ -4,7 +4,6 @@ Each public loss is run on fp32/bf16/fp16 inputs; its reference sees the same ro
 float64, so values differ only by fp32-vs-fp64 arithmetic, while gradients come back in the input
 dtype and get that dtype's tolerance. Then the invariants of methods.md §9.
 """
-import math
 import sys
 import types
 

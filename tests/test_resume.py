@@ -19,7 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from test_engine import make_image_folder, read_summary, tiny_config
+from run_helpers import make_image_folder, read_summary, tiny_config
 
 pytestmark = pytest.mark.slow
 

@@ -61,6 +61,9 @@ class Distiller(nn.Module):
     # families ('cnn', 'vit', 'mlp') the method supports; None = any
     student_families: ClassVar[tuple[str, ...] | None] = None
     teacher_families: ClassVar[tuple[str, ...] | None] = None
+    # DDP must look for parameters a step did not use (costs a graph walk); True only for a
+    # method whose parts are not all used on every step
+    find_unused_parameters: ClassVar[bool] = False
 
     def __init__(self, student: nn.Module, teacher, params, *, num_classes: int,
                  gt_weight: float = 1.0, label_smoothing: float = 0.0,
