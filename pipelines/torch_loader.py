@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .batch import Batch, BatchFinisher
+from .batch import BatchFinisher
 from .crop_plan import CropPlan
 from .datasets import DatasetIndex
 from .sampling import ShardPlan
@@ -117,9 +117,13 @@ class TorchLoader:
         self.mean = torch.tensor(settings.mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(settings.std, device=device).view(1, 3, 1, 1) * 255
         dataset = PlannedImageDataset(index, settings, crop_plan, extra_transform)
+        # An explicit generator: without one, starting the workers draws their base seed from
+        # the global torch RNG, which shifts dropout/drop-path streams and breaks exact resume.
+        workers_seed = torch.Generator().manual_seed(plan.seed * 1009 + plan.rank)
         self.dataloader = DataLoader(
             dataset, batch_sampler=_EpochBatchSampler(self), num_workers=num_workers,
-            pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
+            pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+            generator=workers_seed)
 
     def __len__(self) -> int:
         return len(self.plan)
