@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     steps = [("teacher (CNN)", "teacher.yaml", []),
-             ("student alone (ViT)", "student.yaml", []),
-             ("student + KD (ViT ← CNN)", "student_kd.yaml", None)]
+             ("student alone (ViT, 4 blocks × 96)", "student.yaml", []),
+             ("student + KD (same ViT ← CNN teacher)", "student_kd.yaml", None)]
     teacher_weights = None
     for label, config_name, extra in steps:
         if extra is None:  # the KD run reads the teacher trained in the first step

@@ -1,0 +1,36 @@
+"""`fastkd demo`'s data: sklearn's real digits as a fixed, stratified ImageFolder.
+
+The full demo (three training runs, a few minutes) is what `make demo` runs; here only its
+data and its table are checked, so the suite stays fast.
+"""
+from collections import Counter
+
+from PIL import Image
+
+from fastkd.demo import IMAGE_SIZE, format_table, write_digits_imagefolder
+
+
+def test_digits_imagefolder_is_complete_stratified_and_reused(tmp_path):
+    root = write_digits_imagefolder(tmp_path / "digits")
+    files = {split: sorted((root / split).rglob("*.jpg")) for split in ("train", "val")}
+    assert len(files["train"]) + len(files["val"]) == 1797
+    assert len(files["val"]) == 360                       # 20 % of 1,797, rounded up by sklearn
+    names = [f.name for f in files["train"] + files["val"]]
+    assert len(set(names)) == len(names)                  # no sample in both splits
+    val_per_class = Counter(f.parent.name for f in files["val"])
+    all_per_class = Counter(f.parent.name for f in files["train"] + files["val"])
+    assert sorted(val_per_class) == [str(d) for d in range(10)]
+    for digit, total in all_per_class.items():          # stratified: 20 % of every class
+        assert abs(val_per_class[digit] - 0.2 * total) <= 1
+    with Image.open(files["val"][0]) as image:
+        assert image.size == (IMAGE_SIZE, IMAGE_SIZE) and image.mode == "RGB"
+    stamp = (root / ".complete").stat().st_mtime_ns
+    write_digits_imagefolder(root)                        # second call: nothing rewritten
+    assert (root / ".complete").stat().st_mtime_ns == stamp
+
+
+def test_table_lists_every_run():
+    table = format_table([("teacher", "resnet18", 99.2, 400.0, 40.0),
+                          ("student", "vit", 60.0, 500.0, 50.0)])
+    assert table.splitlines()[2] == "| teacher | resnet18 | 99.20 | 400 | 40 |"
+    assert len(table.splitlines()) == 4
