@@ -15,7 +15,7 @@ from fastkd.models import Teacher
 
 NUM_CLASSES = 10
 IMG = 64
-FAMILIES = ("cnn", "vit", "mlp")
+FAMILIES = ("cnn", "vit", "mlp")  # plus "convnext" and "swin" for the papers' teachers
 
 
 def tiny_model(family: str, *, seed: int = 0) -> torch.nn.Module:
@@ -27,6 +27,10 @@ def tiny_model(family: str, *, seed: int = 0) -> torch.nn.Module:
         return timm.create_model("test_vit", num_classes=NUM_CLASSES, img_size=IMG)
     if family == "convnext":
         return timm.create_model("test_convnext", num_classes=NUM_CLASSES)
+    if family == "swin":  # the papers' teacher family (ScaleKD, UFD, PAT), 4 stages down to 2×2
+        return timm.create_model("swin_tiny_patch4_window7_224", embed_dim=16, depths=(1, 1, 1, 1),
+                                 num_heads=(1, 2, 2, 4), window_size=2, img_size=IMG,
+                                 num_classes=NUM_CLASSES)
     if family == "mlp":
         # registered mixers fix embed_dim/num_blocks, so the class is built directly
         return MlpMixer(num_classes=NUM_CLASSES, img_size=IMG, patch_size=16, num_blocks=4, embed_dim=64)

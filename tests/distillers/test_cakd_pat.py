@@ -8,35 +8,20 @@ import math
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 
-from conftest import IMG, NUM_CLASSES, tiny_model, tiny_pair, two_training_steps
+from conftest import IMG, NUM_CLASSES, tiny_pair, two_training_steps
 from fastkd.config import load_config
 from fastkd.distillers import UnsupportedPair, build_params, get_distiller_class
 from fastkd.distillers.cakd import GroupLinearProjector
 from fastkd.distillers.pat import SqueezeExcite, sinusoidal_encoding
 from fastkd.losses import hcl_loss, kd_loss
-from fastkd.models import STAGES, Teacher, forward_features
+from fastkd.models import STAGES, forward_features
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = (3, IMG, IMG)
 SMALL_PAT = dict(raa_num_queries=16, raa_dim=32, raa_heads=4)  # keeps CPU tests fast
-
-
-def tiny_swin_teacher() -> Teacher:
-    torch.manual_seed(2)
-    model = timm.create_model("swin_tiny_patch4_window7_224", embed_dim=16, depths=(1, 1, 1, 1),
-                              num_heads=(1, 2, 2, 4), window_size=2, img_size=IMG,
-                              num_classes=NUM_CLASSES)
-    return Teacher(model.eval().requires_grad_(False), amp_dtype=None)
-
-
-def pair(student_family: str, teacher_family: str):
-    if teacher_family == "swin":
-        return tiny_model(student_family, seed=1), tiny_swin_teacher()
-    return tiny_pair(student_family, teacher_family)
 
 
 def build(method: str, student, teacher, **params):
@@ -55,7 +40,7 @@ def batch(size: int = 4):
 
 @pytest.mark.parametrize("student_family", ["cnn", "vit", "mlp"])
 def test_cakd_two_training_steps(student_family):
-    distiller = build("cakd", *pair(student_family, "vit"))
+    distiller = build("cakd", *tiny_pair(student_family, "vit"))
     terms = two_training_steps(distiller, epoch=40.0)  # past the ramp: λ = 0.2
     assert set(terms) == {"loss_gt", "loss_pca", "loss_gl"}
     for module in (distiller.pca_projector, distiller.gl_projector, distiller.cls_projector):
@@ -70,7 +55,7 @@ def test_cakd_needs_a_vit_teacher(teacher_family):
 
 
 def test_cakd_rejects_a_teacher_grid_other_than_the_student_stage3_grid():
-    student, teacher = pair("cnn", "swin")  # Swin's last grid is 2×2, ResNet's stage 3 is 4×4
+    student, teacher = tiny_pair("cnn", "swin")  # Swin's last grid is 2×2, ResNet's stage 3 is 4×4
     with pytest.raises(UnsupportedPair, match="grid"):
         build("cakd", student, teacher)
 
@@ -78,12 +63,12 @@ def test_cakd_rejects_a_teacher_grid_other_than_the_student_stage3_grid():
 @pytest.mark.parametrize("epoch,weight", [(1.0, 0.0), (26.0, 0.0), (31.0, 0.1), (36.0, 0.2),
                                           (101.0, 0.2)])
 def test_cakd_ramp_on_the_zero_based_epoch(epoch, weight):
-    distiller = build("cakd", *pair("cnn", "vit"))
+    distiller = build("cakd", *tiny_pair("cnn", "vit"))
     assert distiller.ramp(epoch) == pytest.approx(weight)
 
 
 def test_cakd_teacher_attention_is_the_last_block_presoftmax_logits():
-    student, teacher = pair("cnn", "vit")
+    student, teacher = tiny_pair("cnn", "vit")
     distiller = build("cakd", student, teacher)
     block = teacher.model.blocks[-1]
     block.attn.fused_attn = False  # so that the softmax probabilities can be read off attn_drop
@@ -144,7 +129,7 @@ def test_cakd_gl_groups_are_the_official_blocks():
 
 
 def test_cakd_terms_on_the_same_tensors():
-    distiller = build("cakd", *pair("cnn", "vit"))
+    distiller = build("cakd", *tiny_pair("cnn", "vit"))
     images, labels = batch()
     _, terms = distiller(images, labels, epoch=31.0)  # λ = 0.1
     student = forward_features(distiller.student, images, (3,))
@@ -180,7 +165,7 @@ PAT_PAIRS = (("cnn", "cnn"), ("cnn", "vit"), ("vit", "cnn"), ("vit", "mlp"), ("m
 
 @pytest.mark.parametrize("student_family,teacher_family", PAT_PAIRS)
 def test_pat_two_training_steps(student_family, teacher_family):
-    distiller = build("pat", *pair(student_family, teacher_family), **SMALL_PAT)
+    distiller = build("pat", *tiny_pair(student_family, teacher_family), **SMALL_PAT)
     terms = two_training_steps(distiller)
     assert set(terms) == {"loss_gt", "loss_kd", "loss_pat_mse", "loss_pat_reg"}
     # β moved off 0 in step 1, so in step 2 every prompt's convolutions get gradients too
@@ -191,14 +176,14 @@ def test_pat_two_training_steps(student_family, teacher_family):
 
 
 def test_pat_defaults_run():
-    distiller = build("pat", *pair("cnn", "vit"))
+    distiller = build("pat", *tiny_pair("cnn", "vit"))
     p = distiller.params
     assert (p.afp_stages, p.raa_num_queries, p.raa_dim, p.raa_heads) == ((1, 2, 3, 4), 64, 512, 8)
     two_training_steps(distiller)
 
 
 def test_pat_terms_on_the_same_tensors_and_zero_beta_keeps_the_teacher():
-    distiller = build("pat", *pair("cnn", "vit"), **SMALL_PAT)
+    distiller = build("pat", *tiny_pair("cnn", "vit"), **SMALL_PAT)
     images, labels = batch()
     _, terms = distiller(images, labels)
     student = forward_features(distiller.student, images, STAGES)
@@ -212,7 +197,7 @@ def test_pat_terms_on_the_same_tensors_and_zero_beta_keeps_the_teacher():
 
 
 def test_pat_prompts_change_the_teacher_once_beta_moves():
-    distiller = build("pat", *pair("cnn", "swin"), **SMALL_PAT)
+    distiller = build("pat", *tiny_pair("cnn", "swin"), **SMALL_PAT)
     with torch.no_grad():
         for prompt in distiller.prompts.values():
             prompt.beta.fill_(0.5)
@@ -221,7 +206,7 @@ def test_pat_prompts_change_the_teacher_once_beta_moves():
 
 
 def test_pat_feedback_is_detached_and_not_saved():
-    distiller = build("pat", *pair("cnn", "convnext"), **SMALL_PAT)
+    distiller = build("pat", *tiny_pair("cnn", "convnext"), **SMALL_PAT)
     distiller.train()
     keys = set(distiller.state_dict())
     distiller(*batch())
@@ -238,11 +223,11 @@ def test_pat_feedback_is_detached_and_not_saved():
 
 
 def test_pat_prompt_stages_are_configurable():
-    distiller = build("pat", *pair("cnn", "vit"), afp_stages=[2, 4], **SMALL_PAT)
+    distiller = build("pat", *tiny_pair("cnn", "vit"), afp_stages=[2, 4], **SMALL_PAT)
     assert set(distiller.prompts) == {"2", "4"}
     two_training_steps(distiller)
     with pytest.raises(ValueError, match="afp_stages"):
-        build("pat", *pair("cnn", "vit"), afp_stages=[5])
+        build("pat", *tiny_pair("cnn", "vit"), afp_stages=[5])
 
 
 def test_pat_building_blocks():

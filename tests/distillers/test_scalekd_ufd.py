@@ -23,20 +23,6 @@ PAIRS = (("cnn", "cnn"), ("cnn", "vit"), ("vit", "cnn"), ("vit", "mlp"), ("mlp",
          ("cnn", "swin"), ("cnn", "convnext"))
 
 
-def tiny_swin_teacher() -> Teacher:
-    torch.manual_seed(2)
-    model = timm.create_model("swin_tiny_patch4_window7_224", embed_dim=16, depths=(1, 1, 1, 1),
-                              num_heads=(1, 2, 2, 4), window_size=2, img_size=IMG,
-                              num_classes=NUM_CLASSES)
-    return Teacher(model.eval().requires_grad_(False), amp_dtype=None)
-
-
-def pair(student_family: str, teacher_family: str):
-    if teacher_family == "swin":
-        return tiny_model(student_family, seed=1), tiny_swin_teacher()
-    return tiny_pair(student_family, teacher_family)
-
-
 def build(method: str, student, teacher, *, gt_weight: float = 0.5, **params):
     cls = get_distiller_class(method)
     cls.check_pair("cnn", teacher.family)
@@ -53,7 +39,7 @@ def batch(size: int = 4):
 
 @pytest.mark.parametrize("student_family,teacher_family", PAIRS)
 def test_scalekd_two_training_steps(student_family, teacher_family):
-    distiller = build("scalekd", *pair(student_family, teacher_family))
+    distiller = build("scalekd", *tiny_pair(student_family, teacher_family))
     terms = two_training_steps(distiller)
     assert set(terms) == {"loss_gt", "loss_kd", "loss_s3", "loss_s3_alt", "loss_s4", "loss_s4_alt"}
     for projector in (*distiller.stage3.values(), *distiller.stage4.values()):
@@ -62,7 +48,7 @@ def test_scalekd_two_training_steps(student_family, teacher_family):
 
 @pytest.mark.parametrize("student_family,teacher_family", PAIRS)
 def test_ufd_two_training_steps(student_family, teacher_family):
-    distiller = build("ufd", *pair(student_family, teacher_family))
+    distiller = build("ufd", *tiny_pair(student_family, teacher_family))
     terms = two_training_steps(distiller, soft_labels=True)
     assert set(terms) == {"loss_gt", "loss_kd", "loss_dc_spat", "loss_ac_spat", "loss_dc_channel",
                           "loss_ac_channel"}
@@ -86,7 +72,7 @@ VIEW_INDEX = {"direct": 0, "alt": 1}
 
 
 def test_scalekd_terms_are_the_loss_functions_on_the_same_tensors():
-    distiller = build("scalekd", *pair("cnn", "swin"))
+    distiller = build("scalekd", *tiny_pair("cnn", "swin"))
     distiller.train()
     images, labels = batch()
     _, terms = distiller(images, labels)
@@ -112,7 +98,7 @@ def test_scalekd_terms_are_the_loss_functions_on_the_same_tensors():
 
 
 def test_scalekd_stage4_losses_train_the_stage3_projectors_through_the_teacher():
-    distiller = build("scalekd", *pair("cnn", "swin"))
+    distiller = build("scalekd", *tiny_pair("cnn", "swin"))
     _, terms = distiller(*batch())
     (terms["loss_s4"] + terms["loss_s4_alt"]).backward()
     for projector in distiller.stage3.values():
@@ -122,7 +108,7 @@ def test_scalekd_stage4_losses_train_the_stage3_projectors_through_the_teacher()
 
 def test_scalekd_swin_s_weights_build_no_unused_projector():
     """swin-s → res50: stage-4 alt weight 0 and no KD; nothing that would idle under DDP."""
-    distiller = build("scalekd", *pair("cnn", "swin"), gt_weight=1.0,
+    distiller = build("scalekd", *tiny_pair("cnn", "swin"), gt_weight=1.0,
                       stage4_weights=[0.08, 0.0], kd_weight=0.0, num_heads=[1, 2])
     assert set(distiller.stage3) == {"direct", "alt"} and set(distiller.stage4) == {"direct"}
     assert distiller.stage3["alt"].num_heads == 1 and distiller.stage4["direct"].num_heads == 2
@@ -138,7 +124,7 @@ def test_scalekd_defaults_are_the_swin_b_config():
 
 
 def test_scalekd_vit_teacher_tail_gets_the_class_token():
-    distiller = build("scalekd", *pair("cnn", "vit"))
+    distiller = build("scalekd", *tiny_pair("cnn", "vit"))
     assert distiller.tail.prefix_tokens == 1
     two_training_steps(distiller)
 
@@ -147,7 +133,7 @@ def test_scalekd_vit_teacher_tail_gets_the_class_token():
 
 
 def test_ufd_terms_are_the_loss_functions_on_the_same_tensors():
-    distiller = build("ufd", *pair("cnn", "swin"))
+    distiller = build("ufd", *tiny_pair("cnn", "swin"))
     images, labels = batch()
     _, terms = distiller(images, labels)
     student = forward_features(distiller.student, images, (4,))
@@ -172,7 +158,7 @@ def test_ufd_terms_are_the_loss_functions_on_the_same_tensors():
 
 
 def test_ufd_use_logit_false_drops_kd_like_the_imagenet_config():
-    distiller = build("ufd", *pair("cnn", "swin"), gt_weight=1.0, use_logit=False)
+    distiller = build("ufd", *tiny_pair("cnn", "swin"), gt_weight=1.0, use_logit=False)
     terms = two_training_steps(distiller)
     assert "loss_kd" not in terms and "loss_gt" in terms
 
@@ -180,7 +166,7 @@ def test_ufd_use_logit_false_drops_kd_like_the_imagenet_config():
 def test_ufd_defaults():
     p = build_params("ufd", {})
     assert p.weights == (0.03, 0.065, 0.003, 0.0065) and p.use_logit and p.kd_weight == 0.5
-    distiller = build("ufd", *pair("cnn", "swin"))
+    distiller = build("ufd", *tiny_pair("cnn", "swin"))
     # heads: 128 teacher channels // 32; pos map on the student's 2×2 stage-4 grid, no upsampling
     assert distiller.spatial_projector.num_heads == 4
     assert distiller.spatial_projector.pos_embed.shape[-2:] == (2, 2)
