@@ -115,19 +115,23 @@ def methods_table() -> str:
     """Every registered method and what it needs, as a markdown table."""
     from fastkd.distillers import DISTILLERS
 
-    def stages(values) -> str:
-        return ",".join(map(str, values)) or "-"
+    def features(stages, pooled: bool) -> str:
+        names = [f"stage {','.join(map(str, stages))}"] if stages else []
+        return " + ".join(names + (["pooled"] if pooled else [])) or "-"
 
-    lines = ["| method | teacher | logits | student stages | teacher stages | teacher graph | "
-             "cache | paper |", "|---|---|---|---|---|---|---|---|"]
+    def yes(flag: bool) -> str:
+        return "yes" if flag else "no"
+
+    lines = ["| method | teacher | teacher logits | student features | teacher features | "
+             "teacher graph | cache | paper |", "|---|---|---|---|---|---|---|---|"]
     for name in sorted(DISTILLERS):
         cls = DISTILLERS[name]
         n = cls.needs
         lines.append(
-            f"| {name} | {'yes' if n.teacher else 'no'} | {'yes' if n.teacher_logits else 'no'} | "
-            f"{stages(n.student_stages)} | {stages(n.teacher_stages)} | "
-            f"{'yes' if n.teacher_graph else 'no'} | {'yes' if n.cacheable and n.teacher else 'no'} "
-            f"| {cls.paper} |")
+            f"| {name} | {yes(n.teacher)} | {yes(n.teacher_logits)} | "
+            f"{features(n.student_stages, n.student_pooled)} | "
+            f"{features(n.teacher_stages, n.teacher_pooled)} | {yes(n.teacher_graph)} | "
+            f"{yes(n.cacheable) if n.teacher else 'n/a'} | {cls.paper} |")
     return "\n".join(lines)
 
 

@@ -56,7 +56,9 @@ def test_methods_lists_every_registered_method_with_its_needs(capsys):
     assert out == methods_table() + "\n"
     rows = {line.split("|")[1].strip(): line for line in out.splitlines()[2:]}
     assert set(rows) == set(DISTILLERS)
-    assert "| none | no | no | - | - | no | no |" in rows["none"]
+    assert "| none | no | no | - | - | no | n/a |" in rows["none"]
+    assert "| crd | yes | no | pooled | pooled | no | yes |" in rows["crd"]
+    assert "| scalekd | yes | yes | stage 3,4 | stage 3,4 | yes | no |" in rows["scalekd"]
 
 
 def test_missing_bench_scenario_fails_clearly(capsys):
