@@ -74,8 +74,6 @@ def test_train_eval_export_round_trip(tmp_path, data_dir):
 
 
 def test_kd_from_vit_teacher_keeps_teacher_out_of_checkpoint(tmp_path, data_dir):
-    if "kd" not in DISTILLERS:
-        pytest.skip("the kd method is not registered yet")
     teacher = teacher_checkpoint(tmp_path)
     result = run(tmp_path, distill={"method": "kd", "params": {"temperature": 4.0}},
                  teacher={"name": "test_vit", "checkpoint": str(teacher),
@@ -183,8 +181,6 @@ def test_teacher_cache_is_refused_before_any_work(tmp_path, data_dir):
 
 
 def test_method_without_teacher_name_is_a_config_error(tmp_path, data_dir):
-    if "kd" not in DISTILLERS:
-        pytest.skip("the kd method is not registered yet")
     with pytest.raises(ConfigError, match="needs a teacher"):
         run(tmp_path, distill={"method": "kd"})
 
