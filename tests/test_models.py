@@ -50,6 +50,8 @@ MODELS = {
     "mobilenetv3_small_050": (lambda: timm.create_model("mobilenetv3_small_050", num_classes=10),
                               (3, 64, 64), ("blocks.0", "blocks.1", "blocks.3", "blocks.5"),
                               "cnn", 0),
+    "regnetx_002": (lambda: timm.create_model("regnetx_002", num_classes=10), (3, 64, 64),
+                    ("s1", "s2", "s3", "s4"), "cnn", 0),
     # test_vit has 6 blocks: round(6k/12) - 1 for k = 2, 4, 10, 12 → 0, 1, 4, 5.
     "test_vit": (lambda: timm.create_model("test_vit", num_classes=10), (3, 160, 160),
                  ("blocks.0", "blocks.1", "blocks.4", "blocks.5"), "vit", 1),
