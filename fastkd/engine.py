@@ -87,7 +87,7 @@ def start_state(setup: TrainingSetup, run_dir: RunDir, checkpoint: dict | None) 
                      epoch_sums=LossSums.from_state(meters, world.device), pending_rng=rng)
     env = environment_record(device=world.device, world_size=world.world_size,
                              global_batch=cfg.train.batch_size * world.world_size, lr=setup.lr,
-                             lr_rule=setup.lr_rule)
+                             lr_rule=setup.lr_rule, loader=setup.train_loader.kind)
     run_dir.write_env(env, resumed_at=None if checkpoint is None else
                       {"epoch": position.epoch, "batch": position.batch})
     if cfg.output.tensorboard:
@@ -103,7 +103,8 @@ def start_state(setup: TrainingSetup, run_dir: RunDir, checkpoint: dict | None) 
                 f"{setup.distiller.extra_parameter_count() / 1e6:.2f}M), teacher "
                 f"{cfg.teacher.name if setup.teacher is not None else '-'}; {world.world_size} "
                 f"process(es) on {world.device}, global batch {cfg.train.batch_size * world.world_size}, "
-                f"{setup.steps_per_epoch} steps/epoch; lr {setup.lr_rule}")
+                f"{setup.steps_per_epoch} steps/epoch, {setup.train_loader.kind} loader; "
+                f"lr {setup.lr_rule}")
     return state
 
 

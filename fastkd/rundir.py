@@ -216,7 +216,7 @@ def _version(module: str) -> str | None:
 
 
 def environment_record(*, device: torch.device, world_size: int, global_batch: int,
-                       lr: float, lr_rule: str) -> dict:
+                       lr: float, lr_rule: str, loader: str) -> dict:
     """What a result depends on beyond the config (users.md §0.3: global batch, world size and
     versions are the first suspects when a number does not reproduce)."""
     import fastkd
@@ -236,6 +236,7 @@ def environment_record(*, device: torch.device, world_size: int, global_batch: i
         "device": device_name,
         "world_size": world_size,
         "global_batch": global_batch,
+        "loader": loader,
         "lr": lr,
         "lr_rule": lr_rule,
         "metric": "top-1/top-5 (%) over every validation image once (padding excluded, "

@@ -258,3 +258,13 @@ def test_checkpoint_interval_saves_mid_epoch_positions(tmp_path, data_dir, monke
     run(tmp_path, train={"epochs": 2, "checkpoint_interval": 3})
     # every 3 steps, except where an epoch ends anyway (step 8 = end of epoch 2)
     assert saved == [(1, 3, 3), (2, 0, 4), (2, 2, 6), (3, 0, 8)]
+
+
+def test_dali_is_the_default_loader_and_is_recorded(tmp_path, data_dir):
+    import importlib.util
+    import json
+    result = run(tmp_path, data={"loader": "auto"}, train={"epochs": 1})
+    env = json.loads((result.run_dir / "env.json").read_text())
+    has_dali = importlib.util.find_spec("nvidia.dali") is not None
+    assert env["loader"] == ("dali-cpu" if has_dali else "torch")
+    assert f"{env['loader']} loader" in (result.run_dir / "log.txt").read_text()
