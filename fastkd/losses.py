@@ -147,15 +147,17 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor | TopKLogits,
     return temperature ** 2 * kl.mean()
 
 
-def soft_ce_kd_loss(student_logits: Tensor, teacher_logits: Tensor,
+def soft_ce_kd_loss(student_logits: Tensor, teacher_logits: Tensor | TopKLogits,
                     temperature: float = 1.0) -> Tensor:
     """KD, soft-cross-entropy form: `T² · (1/B) Σ_b −Σ_k σ(z_t/T)_k log σ(z_s/T)_k`, batch mean.
 
     cls_KD `KDLoss` / ScaleKD / UFD-KD `KDLoss` without the α weighting (the caller weights it;
     their CE re-weighting by 1 − α is the distiller's business). Log-softmax replaces their
     `log(softmax)`. Equals `kd_loss` plus `T²·H(σ(z_t/T))`: same gradient, different value.
+    The teacher may be a `TopKLogits`.
     """
-    log_p_t = _log_softmax(teacher_logits, temperature)
+    teacher = _teacher_logits(teacher_logits, student_logits.shape[1])
+    log_p_t = _log_softmax(teacher, temperature)
     ce = _soft_ce_rows(log_p_t.exp(), _log_softmax(student_logits, temperature))
     return temperature ** 2 * ce.mean()
 
@@ -209,7 +211,7 @@ def nkd_loss(student_logits: Tensor, teacher_logits: Tensor | TopKLogits, target
     index = target.long()[:, None]
     log_p_s_target = _log_softmax(student_logits).gather(1, index)
     p_t_target = _log_softmax(teacher).gather(1, index).exp().detach()
-    target_term = -(p_t_target * log_p_s_target).mean()
+    target_term = _soft_ce_rows(p_t_target, log_p_s_target).mean()  # q_y = 0 adds 0, not NaN
     is_target = _target_mask(target, num_classes)
     log_q_t = _log_softmax(teacher, temperature, is_target)
     log_q_s = _log_softmax(student_logits, temperature, is_target)
@@ -238,20 +240,24 @@ def ofa_loss(student_logits: Tensor, teacher_logits: Tensor | TopKLogits, target
     return _soft_ce_rows(weights, _log_softmax(student_logits, temperature)).mean()
 
 
-def wsld_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
+def wsld_loss(student_logits: Tensor, teacher_logits: Tensor | TopKLogits, target: Tensor,
               temperature: float = 2.0, alpha: float = 2.5) -> Tensor:
     """Weighted soft labels (methods.md §4.7): `α T² (1/B) Σ_b w_b ℓ_b`.
 
     `ℓ_b = −Σ_k σ(z_t/T)_k log σ(z_s/T)_k`; `w = 1 − exp(−max(ce_s / (ce_t + 1e-7), 0))` with
     `ce = −log σ(z)_y` at T = 1 on detached logits. Reproduces cls_KD (master) `WSLDLoss`.
+    The teacher may be a `TopKLogits`.
     """
+    teacher_logits = _teacher_logits(teacher_logits, student_logits.shape[1])
     log_p_t = _log_softmax(teacher_logits, temperature)
     soft = _soft_ce_rows(log_p_t.exp(), _log_softmax(student_logits, temperature))
     index = target.long()[:, None]
     ce_s = -_log_softmax(student_logits.detach()).gather(1, index).squeeze(1)
     ce_t = -_log_softmax(teacher_logits.detach()).gather(1, index).squeeze(1)
     weight = 1 - torch.exp(-(ce_s / (ce_t + 1e-7)).clamp_min(0))
-    return alpha * temperature ** 2 * (weight * soft).mean()
+    # w = 0 (student certain of the target) adds 0, even where ℓ = +inf
+    weighted = torch.where(weight != 0, weight * soft, 0.0)
+    return alpha * temperature ** 2 * weighted.mean()
 
 
 def _pearson_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
@@ -261,29 +267,32 @@ def _pearson_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
     return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
 
 
-def dist_loss(student_logits: Tensor, teacher_logits: Tensor, beta: float = 1.0,
+def dist_loss(student_logits: Tensor, teacher_logits: Tensor | TopKLogits, beta: float = 1.0,
               gamma: float = 1.0, tau: float = 1.0) -> Tensor:
     """DIST (methods.md §1.6): `τ² (β·inter + γ·intra)` on `y = σ(z/τ)`.
 
     inter = `1 − mean_b pearson(y_s[b,:], y_t[b,:])` (each sample over classes),
     intra = `1 − mean_k pearson(y_s[:,k], y_t[:,k])` (each class over the batch).
-    Reproduces OFAKD `DIST` (from the DIST authors' code).
+    Reproduces OFAKD `DIST` (from the DIST authors' code). The teacher may be a `TopKLogits`.
     """
+    teacher = _teacher_logits(teacher_logits, student_logits.shape[1])
     y_s = _log_softmax(student_logits, tau).exp()
-    y_t = _log_softmax(teacher_logits, tau).exp()
+    y_t = _log_softmax(teacher, tau).exp()
     inter = 1 - _pearson_rows(y_s, y_t).mean()
     intra = 1 - _pearson_rows(y_s.t(), y_t.t()).mean()
     return tau ** 2 * (beta * inter + gamma * intra)
 
 
-def bkd_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+def bkd_loss(student_logits: Tensor, teacher_logits: Tensor | TopKLogits) -> Tensor:
     """Binary KD (methods.md §1.6): BCE-with-logits of z_s against σ(z_t), element mean over B×K.
 
     Reproduces OFAKD `BKD` (no temperature). ±inf student logits are clamped to ±1e30, where
     torch's BCE-with-logits would give `0·inf = NaN` for a term whose true value is 0.
+    The teacher may be a `TopKLogits` (σ of the rebuilt logits, tail classes included).
     """
+    teacher = _teacher_logits(teacher_logits, student_logits.shape[1])
     student = student_logits.float().clamp(-_LOGIT_CEILING, _LOGIT_CEILING)
-    return F.binary_cross_entropy_with_logits(student, torch.sigmoid(teacher_logits.float()))
+    return F.binary_cross_entropy_with_logits(student, torch.sigmoid(teacher.float()))
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from torch import Tensor
 from fastkd.kernels.online_softmax import (NO_MAX, clamp_passes_gradient, load_row_block,
                                            add_to_logsumexp, load_teacher_block,
                                            load_topk_teacher, log_softmax_at, online_logsumexp,
-                                           online_weighted_sum,
+                                           online_weighted_sum, replace_tail_at_topk,
                                            restore_teacher, row_launch_config, scale_logits,
                                            teacher_kernel_args, teacher_tensors,
                                            topk_target_logit, with_infinite_terms)
@@ -83,17 +83,10 @@ def _dkd_forward_kernel(
         m_s = m_s_new
         m_t = m_t_new
     if TOPK:  # replace the tail logit by the true one at the non-target top-k classes
-        top = valid & (indices != y)
-        s_top = scale_logits(load_row_block(student_row, indices, student_col_stride, top),
-                             temperature)
-        t_tail = tl.where(top, tail, float("-inf"))
-        d, z_t, n_inf = online_weighted_sum(d, z_t, n_inf, m_t, m_t, 0.0, t_tail,
-                                            (t_tail - m_t) - (s_top - m_s), 1.0, -1.0)
-        t_top = tl.where(top, scale_logits(values, temperature), float("-inf"))
-        m_t_new = tl.maximum(m_t, tl.max(t_top, 0))
-        d, z_t, n_inf = online_weighted_sum(d, z_t, n_inf, m_t, m_t_new, m_t_new - m_t, t_top,
-                                            (t_top - m_t_new) - (s_top - m_s), 1.0, 1.0)
-        m_t = m_t_new
+        d, z_t, n_inf, m_t = replace_tail_at_topk(d, z_t, n_inf, m_t, student_row,
+                                                  student_col_stride, values, indices,
+                                                  valid & (indices != y), tail, m_s,
+                                                  temperature, 1.0, True)
     d = with_infinite_terms(d, n_inf, float("inf"))
     log_z_s = tl.log(z_s)
     log_z_t = tl.log(z_t)

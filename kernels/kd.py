@@ -17,7 +17,8 @@ from torch import Tensor
 
 from fastkd.kernels.online_softmax import (NO_MAX, clamp_passes_gradient, load_row_block,
                                            load_teacher_block, load_topk_teacher, log_softmax_at,
-                                           online_logsumexp, online_weighted_sum, restore_teacher,
+                                           online_logsumexp, online_weighted_sum,
+                                           replace_tail_at_topk, restore_teacher,
                                            row_launch_config, scale_logits, teacher_kernel_args,
                                            teacher_tensors, with_infinite_terms)
 from fastkd.losses import TopKLogits
@@ -68,16 +69,9 @@ def _kd_forward_kernel(
         m_s = m_s_new
         m_t = m_t_new
     if TOPK:  # replace the tail logit by the true one at the k top-k classes
-        s_top = scale_logits(load_row_block(student_row, indices, student_col_stride, valid),
-                             temperature)
-        t_tail = tl.where(valid, tail, float("-inf"))
-        d, z_t, n_inf = online_weighted_sum(d, z_t, n_inf, m_t, m_t, 0.0, t_tail,
-                                            (t_tail - m_t) - (s_top - m_s), 1.0, -1.0)
-        t_top = scale_logits(values, temperature)
-        m_t_new = tl.maximum(m_t, tl.max(t_top, 0))
-        d, z_t, n_inf = online_weighted_sum(d, z_t, n_inf, m_t, m_t_new, m_t_new - m_t, t_top,
-                                            (t_top - m_t_new) - (s_top - m_s), 1.0, 1.0)
-        m_t = m_t_new
+        d, z_t, n_inf, m_t = replace_tail_at_topk(d, z_t, n_inf, m_t, student_row,
+                                                  student_col_stride, values, indices, valid,
+                                                  tail, m_s, temperature, 1.0, True)
     d = with_infinite_terms(d, n_inf, float("inf"))
     kl = d / z_t - tl.log(z_t) + tl.log(z_s)
     tl.store(loss_ptr + row, kl * loss_scale)

@@ -14,7 +14,8 @@ from torch import Tensor
 
 from fastkd.kernels.online_softmax import (NO_MAX, clamp_passes_gradient, load_row_block,
                                            load_teacher_block, load_topk_teacher, log_softmax_at,
-                                           online_logsumexp, online_weighted_sum, restore_teacher,
+                                           online_logsumexp, online_weighted_sum,
+                                           replace_tail_at_topk, restore_teacher,
                                            row_launch_config, scale_logits, teacher_kernel_args,
                                            teacher_tensors, topk_logsumexp, topk_target_logit,
                                            with_infinite_terms)
@@ -84,22 +85,16 @@ def _nkd_forward_kernel(
         m_s = m_s_new
         m_t = m_t_new
     if TOPK:  # replace the tail logit by the true one at the non-target top-k classes
-        top = valid & (indices != y)
-        s_top = scale_logits(load_row_block(student_row, indices, student_col_stride, top),
-                             temperature)
-        t_tail = tl.where(top, tail, float("-inf"))
-        c, z_t, n_inf = online_weighted_sum(c, z_t, n_inf, m_t, m_t, 0.0, t_tail, s_top - m_s,
-                                            1.0, -1.0)
-        t_top = tl.where(top, scale_logits(values, temperature), float("-inf"))
-        m_t_new = tl.maximum(m_t, tl.max(t_top, 0))
-        c, z_t, n_inf = online_weighted_sum(c, z_t, n_inf, m_t, m_t_new, 0.0, t_top, s_top - m_s,
-                                            1.0, 1.0)
-        m_t = m_t_new
+        c, z_t, n_inf, m_t = replace_tail_at_topk(c, z_t, n_inf, m_t, student_row,
+                                                  student_col_stride, values, indices,
+                                                  valid & (indices != y), tail, m_s,
+                                                  temperature, 1.0, False)
     else:
         log_z_t1 = tl.log(z_t1)
     log_z_s1 = tl.log(z_s1)
     q1_y = tl.exp(log_softmax_at(t1_y, m_t1, log_z_t1))
-    target_term = -q1_y * log_softmax_at(s1_y, m_s1, log_z_s1)
+    # a zero teacher weight adds 0 even against log p1_y = −inf (fastkd.losses._soft_ce_rows)
+    target_term = tl.where(q1_y != 0, -q1_y * log_softmax_at(s1_y, m_s1, log_z_s1), 0.0)
     c = with_infinite_terms(c, n_inf, float("-inf"))
     log_z_s = tl.log(z_s)
     non_target_term = log_z_s - c / z_t

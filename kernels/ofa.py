@@ -16,7 +16,8 @@ from torch import Tensor
 from fastkd.kernels.online_softmax import (NO_MAX, clamp_passes_gradient, expm1, load_row_block,
                                            load_teacher_block, load_topk_teacher, log1p,
                                            log_softmax_at, online_logsumexp, online_weighted_sum,
-                                           restore_teacher, row_launch_config, scale_logits,
+                                           replace_tail_at_topk, restore_teacher,
+                                           row_launch_config, scale_logits,
                                            teacher_kernel_args, teacher_tensors, topk_logsumexp,
                                            topk_target_logit, with_infinite_terms)
 from fastkd.losses import TopKLogits
@@ -80,17 +81,9 @@ def _ofa_forward_kernel(
         m_s = m_s_new
         m_w = m_w_new
     if TOPK:  # replace the tail logit by the true one at the non-target top-k classes
-        top = valid & (indices != y)
-        s_top = scale_logits(load_row_block(student_row, indices, student_col_stride, top),
-                             temperature)
-        t_tail = tl.where(top, tail, float("-inf"))
-        c, w, n_inf = online_weighted_sum(c, w, n_inf, m_w, m_w, 0.0, t_tail, s_top - m_s, eps,
-                                          -1.0)
-        t_top = tl.where(top, scale_logits(values, temperature), float("-inf"))
-        m_w_new = tl.maximum(m_w, tl.max(t_top, 0))
-        c, w, n_inf = online_weighted_sum(c, w, n_inf, m_w, m_w_new, 0.0, t_top, s_top - m_s, eps,
-                                          1.0)
-        m_w = m_w_new
+        c, w, n_inf, m_w = replace_tail_at_topk(c, w, n_inf, m_w, student_row, student_col_stride,
+                                                values, indices, valid & (indices != y), tail,
+                                                m_s, temperature, eps, False)
     else:
         log_z_t = tl.log(z_t)
     log_z_s = tl.log(z_s)

@@ -44,8 +44,10 @@ def row_launch_config(num_columns: int) -> tuple[int, int]:
 
 @triton.jit
 def load_row_block(row_ptr, cols, col_stride, mask):
-    """A block of one row as fp32; −inf (probability 0) where masked."""
-    return tl.load(row_ptr + cols * col_stride, mask=mask, other=float("-inf")).to(tl.float32)
+    """A block of one row as fp32; −inf (probability 0) where masked. The column offset is
+    int64: a transposed B×K input has col_stride = B, and K·B may pass 2³¹."""
+    offsets = cols.to(tl.int64) * col_stride
+    return tl.load(row_ptr + offsets, mask=mask, other=float("-inf")).to(tl.float32)
 
 
 @triton.jit
@@ -164,6 +166,37 @@ def topk_logsumexp(values, tail, num_tail):
     m = tl.where(m == float("-inf"), 0.0, m)
     z = tl.sum(tl.exp(values - m), 0) + num_tail.to(tl.float32) * tl.exp(tail - m)
     return m, tl.log(z)
+
+
+@triton.jit
+def replace_tail_at_topk(c, w, n_inf, m_a, student_row, student_col_stride, values, indices,
+                         top, tail, m_s, temperature, eps, LOG_RATIO: tl.constexpr):
+    """The top-k correction of a row's running weighted sum (`online_weighted_sum`), after the
+    row loop accumulated every teacher logit as the tail r/T (`tail`): at the classes `top`
+    (top-k ids `indices`), remove the tail's term (sign −1) and add the true value's (+1).
+    Returns (c, w, n_inf, m_a) moved to the new weight max.
+
+    The values d are taken against the row's final student max m_s: LOG_RATIO, a KL sum,
+    d = (t_k − m_a) − (s_k − m_s), whose reference moves with m_a; else d = s_k − m_s.
+    """
+    s_top = scale_logits(load_row_block(student_row, indices, student_col_stride, top),
+                         temperature)
+    s_rel = s_top - m_s
+    t_tail = tl.where(top, tail, float("-inf"))
+    if LOG_RATIO:
+        d = (t_tail - m_a) - s_rel
+    else:
+        d = s_rel
+    c, w, n_inf = online_weighted_sum(c, w, n_inf, m_a, m_a, 0.0, t_tail, d, eps, -1.0)
+    t_top = tl.where(top, scale_logits(values, temperature), float("-inf"))
+    m_a_new = tl.maximum(m_a, tl.max(t_top, 0))
+    if LOG_RATIO:
+        c, w, n_inf = online_weighted_sum(c, w, n_inf, m_a, m_a_new, m_a_new - m_a, t_top,
+                                          (t_top - m_a_new) - s_rel, eps, 1.0)
+    else:
+        c, w, n_inf = online_weighted_sum(c, w, n_inf, m_a, m_a_new, 0.0, t_top, s_rel, eps,
+                                          1.0)
+    return c, w, n_inf, m_a_new
 
 
 @triton.jit

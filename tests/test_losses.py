@@ -437,6 +437,38 @@ def test_nkd_gamma_one_t_one_matches_paper_form():
                                ref_nkd(zs64, zt64, y, 1.0, 1.0), rtol=1e-5, atol=1e-6)
 
 
+def test_nkd_zero_teacher_target_weight_adds_zero():
+    """q_y = 0 (teacher −inf at the target) against log p_y = −inf (student −inf there): the
+    target term is 0, not 0·(−inf) = NaN; the loss is the non-target term alone."""
+    zs = (torch.randn(3, 9) * 3).requires_grad_()
+    zt, y = torch.randn(3, 9) * 3, torch.tensor([2, 5, 0])
+    zs_masked, zt_masked = zs.detach().clone(), zt.clone()
+    zs_masked[0, 2] = zt_masked[0, 2] = -INF
+    zs_masked[1, 5] = -INF  # student only: the teacher still weighs it, the term is +inf
+    zs_masked.requires_grad_()
+    loss = nkd_loss(zs_masked[[0, 2]], zt_masked[[0, 2]], y[[0, 2]], 2.0, 1.5)
+    (grad,) = torch.autograd.grad(loss, zs_masked)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    non_target_only = nkd_loss(zs_masked[:1], zt_masked[:1], y[:1], 2.0, 1.5)
+    expected = 1.5 * 4.0 * losses._soft_ce_rows(
+        losses._log_softmax(zt_masked[:1], 2.0, F.one_hot(y[:1], 9).bool()).exp(),
+        losses._log_softmax(zs_masked[:1].detach(), 2.0, F.one_hot(y[:1], 9).bool())).mean()
+    torch.testing.assert_close(non_target_only, expected)
+    assert nkd_loss(zs_masked[1:2], zt_masked[1:2], y[1:2], 2.0, 1.5) == INF
+
+
+def test_wsld_zero_weight_adds_zero():
+    """A student certain of the target (ce_s = 0, so w = 0) adds 0, even with ℓ = +inf (a −inf
+    student logit where the teacher has mass)."""
+    zs = torch.tensor([[40.0, -INF, 0.0, 1.0], [0.5, 1.0, 0.0, 2.0]], requires_grad=True)
+    zt = torch.tensor([[1.0, 2.0, 0.0, 1.0], [0.0, 1.0, 2.0, 0.5]])
+    y = torch.tensor([0, 3])
+    loss = wsld_loss(zs, zt, y, 2.0, 2.5)
+    (grad,) = torch.autograd.grad(loss, zs)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss, wsld_loss(zs[1:], zt[1:], y[1:], 2.0, 2.5) / 2)
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 5, 5), (1, 4, 7, 3)])
 def test_dc_only_inverse_dct_is_the_mean_and_loss_matches(shape):
     """Unnormalised DCT-II (scipy type 2, norm=None): keeping coefficient 0 only gives the mean."""
@@ -558,6 +590,10 @@ def test_topk_from_logits_keeps_dtype_and_stores_full_logsumexp():
     ("dkd", lambda s, t, y: dkd_loss(s, t, y, 1.0, 8.0, 4.0)),
     ("nkd", lambda s, t, y: nkd_loss(s, t, y, 2.0, 1.5)),
     ("ofa", lambda s, t, y: ofa_loss(s, t, y, 1.5, 2.0)),
+    ("soft_ce", lambda s, t, y: soft_ce_kd_loss(s, t, 2.0)),
+    ("wsld", lambda s, t, y: wsld_loss(s, t, y, 2.0, 2.5)),
+    ("dist", lambda s, t, y: dist_loss(s, t, 1.0, 2.0, 2.0)),
+    ("bkd", lambda s, t, y: bkd_loss(s, t)),
 ])
 def test_losses_accept_topk_teacher(name, fn):
     zs, zt, y = torch.randn(4, 37, requires_grad=True), torch.randn(4, 37) * 3, torch.randint(0, 37, (4,))

@@ -142,3 +142,37 @@ def test_full_size_gpu(check_fused, name, shape, dtype):
     student, teacher, target = _logits(*shape, dtype), _logits(*shape, dtype), _targets(*shape)
     _check(check_fused, name, student, teacher, target, 4.0)
     _check(check_fused, name, student, losses.topk_from_logits(teacher, 10), target, 1.0)
+
+
+def test_nkd_zero_teacher_target_weight_adds_zero(check_fused):
+    """q_y = 0 (teacher −inf at the target) against log p_y = −inf (student −inf there): the
+    target term adds 0, as in eager, not 0·(−inf) = NaN."""
+    student, teacher, target = _logits(3, 37), _logits(3, 37), _targets(3, 37)
+    target[0], target[2] = 4, 30
+    student[0, 4] = teacher[0, 4] = float("-inf")
+    teacher[2, 25:35] = float("-inf")
+    student[2, 30] = float("-inf")
+    loss, expected = _check(check_fused, "nkd", student, teacher, target, 2.0)
+    assert torch.isfinite(expected) and torch.isfinite(loss)
+    topk = losses.topk_from_logits(teacher, 5)  # the rebuilt tail is finite: q_y > 0, no guard
+    _check(check_fused, "nkd", student, topk, target, 2.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", NAMES)
+def test_transposed_student_past_int32_offsets_gpu(name):
+    """A transposed B×K student (column stride B) with B·K > 2³¹: column offsets need int64.
+    Checked on the last rows against eager on those rows alone (row losses are independent);
+    one cached teacher row, broadcast over the batch, keeps the teacher small."""
+    classes, batch = 21843, 2**31 // 21843 + 2
+    storage = torch.randn(classes, batch, device=DEVICE, dtype=torch.bfloat16).requires_grad_()
+    one_row = losses.topk_from_logits(_logits(1, classes, torch.bfloat16), 10)
+    teacher = losses.TopKLogits(*(x.expand(batch, *x.shape[1:]) for x in one_row))
+    target = _targets(batch, classes)
+    FUSED[name](*(storage.t(),) + _args(name, teacher, target, 2.0)).backward()
+    last = storage.detach().t()[-2:].float().requires_grad_()
+    last_teacher = losses.TopKLogits(*(x[-2:] for x in teacher))
+    expected = LOSSES[name][0](last, *_args(name, last_teacher, target[-2:], 2.0))
+    (expected_grad,) = torch.autograd.grad(expected * 2 / batch, last)
+    torch.testing.assert_close(storage.grad.t()[-2:].float(), expected_grad, rtol=2e-2,
+                               atol=1e-6 * expected_grad.abs().max().item())
