@@ -201,12 +201,32 @@ def build_ema(cfg: Config, student: nn.Module) -> ModelEmaV3 | None:
     return ModelEmaV3(student, decay=cfg.train.ema_decay) if cfg.train.ema else None
 
 
+def method_buffers(distiller: Distiller) -> list[str]:
+    """The method's own buffers outside normalisation layers: constants (PAT's positional
+    table, CAKD's permutation) or state the method keeps identical on every rank itself (CRD's
+    N×D memory banks, about 1.3 GB on ImageNet). DDP need neither broadcast them before every
+    forward nor average them at epoch ends; the student's buffers and the running statistics
+    of the method's norm layers are rank-local and still are."""
+    student = {id(b) for b in distiller.student.buffers()}
+    names = []
+    for prefix, module in distiller.named_modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase):
+            continue
+        names += [f"{prefix}.{name}" if prefix else name
+                  for name, buffer in module.named_buffers(recurse=False)
+                  if id(buffer) not in student]
+    return names
+
+
 def wrap_ddp(distiller: Distiller, world: World) -> nn.Module:
     """DDP around the distiller only (student + method parts). The teacher stays outside: it
     is frozen and not a submodule. A method whose parts are not all used every step declares
-    `find_unused_parameters = True`; the default avoids the extra graph traversal."""
+    `find_unused_parameters = True`; the default avoids the extra graph traversal. DDP ignores
+    `method_buffers` (and `average_buffers_` follows what DDP ignores)."""
     if not world.distributed:
         return distiller
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        distiller, method_buffers(distiller))
     device_ids = [world.device.index] if world.device.type == "cuda" else None
     return DistributedDataParallel(
         distiller, device_ids=device_ids,
@@ -268,7 +288,8 @@ class TrainingSetup:
 
 
 def build_training(cfg: Config, world: World) -> TrainingSetup:
-    check_runnable(cfg)
+    """The run's parts, in the order the module docstring gives; the caller (`engine.train`)
+    has already refused what `check_runnable` refuses, before touching the run directory."""
     device = world.device
     method = get_distiller_class(cfg.distill.method)
     num_classes = count_classes(cfg)

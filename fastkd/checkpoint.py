@@ -53,7 +53,12 @@ class TrainPosition:
 
 
 def capture_rng_state() -> dict:
-    """Python, numpy, torch CPU and CUDA generator states as tensors / lists / ints."""
+    """Python, numpy, torch CPU and CUDA generator states as tensors / lists / ints.
+
+    CUDA: the generator of this process's device only (`init_world` made it the current one).
+    Every visible GPU's state would be restored onto device indices that need not exist when
+    the run resumes with fewer GPUs visible (`CUDA_VISIBLE_DEVICES`), and the other GPUs'
+    generators are not this rank's to restore."""
     version, mt_state, gauss = random.getstate()
     kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     state = {
@@ -61,7 +66,7 @@ def capture_rng_state() -> dict:
         "numpy": [kind, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss),
                   float(np_gauss)],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
     }
     return state
 
@@ -72,8 +77,8 @@ def restore_rng_state(state: dict) -> None:
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -83,11 +88,15 @@ def atomic_save(obj, path: str | Path) -> None:
     """`torch.save` to `path.tmp`, then `os.replace`: readers never see a half-written file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)   # no half-written file left next to the good one
+        raise
 
 
 def make_checkpoint(*, distiller: nn.Module, optimizer, scheduler, scaler, ema,

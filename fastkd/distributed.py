@@ -121,11 +121,14 @@ def average_buffers_(module: torch.nn.Module, world: World) -> None:
     DDP broadcasts rank 0's buffers at the start of each forward, so after the last step of an
     epoch every rank holds statistics updated on its own batch. Averaging them (timm's
     `distribute_bn` 'reduce' mode) makes evaluation and the checkpoint the same on all ranks.
+    Buffers DDP was told to ignore (`fastkd.build.method_buffers`: constants, or state kept
+    identical by its owner) are skipped: averaging them is wasted traffic at best.
     """
     if not world.distributed:
         return
-    for buffer in module.buffers():
-        if buffer.is_floating_point():
+    ignored = set(getattr(module, "_ddp_params_and_buffers_to_ignore", ()))
+    for name, buffer in module.named_buffers():
+        if buffer.is_floating_point() and name not in ignored:
             dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
             buffer.div_(world.world_size)
 

@@ -121,13 +121,12 @@ def current_lr(optimizer: torch.optim.Optimizer) -> float:
 # ------------------------------------------------------------------------------ one epoch
 
 
-def _agree(terms: dict[str, Tensor], stop: bool, world: World) -> tuple[list[bool], bool]:
-    """Per-term finiteness and the stop request, AND-ed over ranks: one small all-reduce and
-    the step's only host read."""
-    device = next(iter(terms.values())).device
-    flags = [torch.isfinite(value.detach()).all().float() for value in terms.values()]
-    flags.append(torch.full((), float(not stop), device=device))   # a fill, no host copy
-    agreed = all_reduce_(torch.stack(flags), world, op="min").tolist()
+def _agree(values: Tensor, stop: bool, world: World) -> tuple[list[bool], bool]:
+    """Per-term finiteness of the stacked loss terms and the stop request, AND-ed over ranks:
+    one small all-reduce and the step's only host read."""
+    finite = values.detach().isfinite().reshape(values.shape[0], -1).all(dim=1)
+    flags = torch.cat([finite.float(), torch.full((1,), float(not stop), device=values.device)])
+    agreed = all_reduce_(flags, world, op="min").tolist()   # `full` is a fill, no host copy
     return [bool(f) for f in agreed[:-1]], not bool(agreed[-1])
 
 
@@ -161,11 +160,11 @@ def train_step(setup: TrainingSetup, state: RunState, batch, params: list[nn.Par
     if not terms:
         raise ConfigError(f"method '{setup.cfg.distill.method}' returned no loss terms "
                           f"(distill.gt_weight: 0 with a method that has no loss of its own?)")
-    finite, stop_now = _agree(terms, stop_requested, world)
+    values = torch.stack([t.float() for t in terms.values()])   # one stack: checked, summed
+    finite, stop_now = _agree(values, stop_requested, world)
     position.global_step += 1
     if all(finite):
-        loss = torch.stack([t.float() for t in terms.values()]).sum()
-        _update(setup, loss, params, position.global_step)
+        _update(setup, values.sum(), params, position.global_step)
         state.nonfinite_streak = 0
         return terms, stop_now
     state.nonfinite_streak += 1

@@ -259,16 +259,21 @@ class LossSums:
         self.skipped = 0
 
     def add(self, terms: dict[str, Tensor]) -> None:
-        for name, value in terms.items():
-            value = value.detach().float()
-            self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
+        self._accumulate(terms)
         self.steps += 1
 
     def merge_(self, other: LossSums) -> None:
-        for name, value in other.sums.items():
-            self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
+        self._accumulate(other.sums)
         self.steps += other.steps
         self.skipped += other.skipped
+
+    def _accumulate(self, values: dict[str, Tensor]) -> None:
+        """In place (every step: no new tensor per term); a new name starts from an fp32 copy."""
+        for name, value in values.items():
+            if name in self.sums:
+                self.sums[name].add_(value.detach())
+            else:
+                self.sums[name] = value.detach().to(torch.float32, copy=True)
 
     def means(self, world: World) -> dict[str, float]:
         """Mean of each term over the finite steps of every rank (a sync and a collective)."""

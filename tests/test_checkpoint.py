@@ -74,6 +74,7 @@ def test_atomic_save_keeps_the_previous_file_when_writing_fails(tmp_path):
     with pytest.raises(Exception):
         atomic_save({"unpicklable": lambda: None}, path)
     assert torch.load(path, weights_only=True)["value"].item() == 1
+    assert not path.with_name("last.pt.tmp").exists(), "the failed write left its temporary file"
 
 
 def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
@@ -143,3 +144,19 @@ def test_other_world_size_resumes_at_epoch_boundaries_only(tmp_path):
     atomic_save(checkpoint, run_dir / "last.pt")
     with pytest.raises(ConfigError, match="same number of processes"):
         train(load_config(run_dir / "config.yaml"), resume=run_dir)
+
+
+def test_cuda_rng_state_is_this_devices_only(monkeypatch):
+    """Only the current GPU's generator is saved and restored: a run started with 8 GPUs
+    visible must resume where fewer are (restoring 8 states would address missing devices)."""
+    own, calls = torch.arange(16, dtype=torch.uint8), []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": own.clone())
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [own.clone() for _ in range(8)])
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda state, device="cuda": calls.append(("one", state)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: calls.append(("all", states)))
+    state = capture_rng_state()
+    assert torch.equal(state["cuda"], own)
+    restore_rng_state(state)
+    assert len(calls) == 1 and calls[0][0] == "one" and torch.equal(calls[0][1], own)

@@ -268,3 +268,40 @@ def test_dali_is_the_default_loader_and_is_recorded(tmp_path, data_dir):
     has_dali = importlib.util.find_spec("nvidia.dali") is not None
     assert env["loader"] == ("dali-cpu" if has_dali else "torch")
     assert f"{env['loader']} loader" in (result.run_dir / "log.txt").read_text()
+
+
+# ------------------------------------------------------------------------------ DDP buffers
+
+
+def test_ddp_leaves_the_methods_own_buffers_to_the_method(tmp_path):
+    """State a method keeps identical on every rank itself (CRD's memory banks, ~1.3 GB on
+    ImageNet) and constant tables are neither broadcast by DDP before every forward nor
+    averaged at epoch ends; the student's buffers and norm-layer statistics still are."""
+    import timm
+    import torch.distributed as dist
+
+    from fastkd.build import wrap_ddp
+    from fastkd.distillers.base import NoParams
+    from fastkd.distributed import World, average_buffers_
+
+    class Banked(Vanilla):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.proj = torch.nn.Sequential(torch.nn.BatchNorm1d(4))
+            self.register_buffer("bank", torch.ones(100, 4))
+
+    student = timm.create_model("test_resnet", num_classes=4)
+    distiller = Banked(student, None, NoParams(), num_classes=4)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0,
+                            world_size=1)
+    try:
+        world = World(world_size=2)   # a group of one stands in: all-reduce is the identity
+        synced = {id(b) for b in wrap_ddp(distiller, world).modules_buffers}
+        assert id(distiller.bank) not in synced
+        assert id(distiller.proj[0].running_var) in synced
+        assert all(id(b) in synced for b in student.buffers())
+        average_buffers_(distiller, world)   # identity sum, then / 2
+        assert torch.equal(distiller.bank, torch.ones(100, 4))
+        assert torch.equal(distiller.proj[0].running_var, torch.full((4,), 0.5))
+    finally:
+        dist.destroy_process_group()
