@@ -88,15 +88,18 @@ def fastkd_loader(root: Path, args, loader: str, device: str):
 
 
 def providers(root: Path, args) -> dict:
+    """The providers to measure; only those chosen by `--only` are built (a DALI-GPU pipeline
+    preallocates hundreds of MB, a DataLoader starts worker processes)."""
     from fastkd.pipelines.build import dali_available
-    found = {}
+    builders = {}
     if dali_available():
-        found["dali-cpu"] = fastkd_loader(root, args, "dali", "cpu")
+        builders["dali-cpu"] = lambda: fastkd_loader(root, args, "dali", "cpu")
         if torch.cuda.is_available():
-            found["dali-gpu"] = fastkd_loader(root, args, "dali", "cuda")
-    found["fastkd-torch-fallback"] = fastkd_loader(root, args, "torch", "cpu")
-    found["torchvision DataLoader"] = torchvision_baseline(root, args)
-    return {name: p for name, p in found.items() if not args.only or name in args.only}
+            builders["dali-gpu"] = lambda: fastkd_loader(root, args, "dali", "cuda")
+    builders["fastkd-torch-fallback"] = lambda: fastkd_loader(root, args, "torch", "cpu")
+    builders["torchvision DataLoader"] = lambda: torchvision_baseline(root, args)
+    return {name: build() for name, build in builders.items()
+            if not args.only or name in args.only}
 
 
 def time_epoch(loader, epoch: int) -> tuple[int, float]:

@@ -1,4 +1,5 @@
-"""The one batch type every loader yields, and the batch-level steps both loaders share.
+"""The one batch type every loader yields, and what both loaders share: the epoch bookkeeping
+(`PlannedLoader`) and the batch-level steps (`BatchFinisher`).
 
 `BatchFinisher` takes a decoded batch already on the target device and applies what is done
 per batch rather than per image: the dtype (AMP) and memory format, timm's random erasing, and
@@ -21,6 +22,26 @@ class Batch(NamedTuple):
     images: Tensor    # B x 3 x H x W on the device, normalized (AMP dtype, channels_last if asked)
     labels: Tensor    # int64 (B,), or float (B, K) soft targets when mixup/cutmix is on
     indices: Tensor   # int64 (B,) dataset index of each sample; -1 marks padding
+
+
+class PlannedLoader:
+    """Base of the DALI and torch loaders: `len()` is the plan's batches per epoch, and
+    `set_epoch(epoch, start_batch)` chooses what the next `iter()` yields."""
+    kind: str
+
+    def __init__(self, index, plan, finisher: BatchFinisher, device: torch.device):
+        self.index, self.plan, self.finisher, self.device = index, plan, finisher, device
+        self.num_samples, self.classes = len(index), index.classes
+        self.num_classes = finisher.num_classes
+        self.epoch, self.start_batch = 0, 0
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        if not 0 <= start_batch <= len(self.plan):
+            raise ValueError(f"start_batch {start_batch} outside 0..{len(self.plan)}")
+        self.epoch, self.start_batch = epoch, start_batch
 
 
 class BatchFinisher:
@@ -51,11 +72,10 @@ class BatchFinisher:
             images = self.erase(images.float())
         if self.mixup is not None:
             images, labels = self._mix(images.float(), labels, epoch, batch_no)
-        if self.amp_dtype is not None and images.dtype != self.amp_dtype:
-            images = images.to(self.amp_dtype)
-        elif self.amp_dtype is None and images.dtype != torch.float32:
-            images = images.float()
+        # Dtype and layout in one copy, none when both already match. `to` returns its input
+        # unchanged when the dtype matches, whatever the strides: `contiguous` covers that case.
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        images = images.to(dtype=self.amp_dtype or torch.float32, memory_format=fmt)
         return Batch(images.contiguous(memory_format=fmt), labels, indices)
 
     def _mix(self, images: Tensor, labels: Tensor, epoch: int, batch_no: int):

@@ -10,11 +10,11 @@ batches may vary in size), so no sample is dropped or repeated beyond the rank p
 from __future__ import annotations
 
 import numpy as np
-import nvidia.dali.types as types
 import torch
-from nvidia.dali.plugin.pytorch import feed_ndarray
+from nvidia.dali.backend import TensorGPU
+from nvidia.dali.plugin.pytorch.torch_utils import to_torch_tensor
 
-from .batch import BatchFinisher
+from .batch import BatchFinisher, PlannedLoader
 from .crop_plan import CropPlan, center_crop_rois
 from .dali_pipelines import eval_pipeline, train_pipeline
 from .datasets import DatasetIndex
@@ -55,18 +55,15 @@ class PlanSource:
         return encoded, anchor, shape, win.flip.astype(np.int32), labels, indices
 
 
-class DaliLoader:
+class DaliLoader(PlannedLoader):
     """DALI-backed loader; see `fastkd.pipelines.build_loader` for the contract."""
 
     def __init__(self, index: DatasetIndex, plan: ShardPlan, settings: ImageSettings, data, *,
                  crop_plan: CropPlan | None, finisher: BatchFinisher, device: torch.device,
                  on_gpu: bool, amp_dtype: torch.dtype | None, channels_last: bool):
+        super().__init__(index, plan, finisher, device)
         self.kind = "dali-gpu" if on_gpu else "dali-cpu"
-        self.index, self.plan, self.finisher, self.device = index, plan, finisher, device
-        self.num_samples, self.classes = len(index), index.classes
-        self.num_classes = finisher.num_classes
         self.channels_last, self.on_gpu = channels_last, on_gpu
-        self.epoch, self.start_batch = 0, 0
         self._in_flight = False   # an epoch was left before DALI reported its end
         self.source = PlanSource(index, plan, settings, crop_plan)
         common = dict(source=self.source, settings=settings, on_gpu=on_gpu,
@@ -82,23 +79,16 @@ class DaliLoader:
             self.pipe = train_pipeline(**common, rand_augment=spec, color_jitter=data.color_jitter)
         self.pipe.build()
 
-    def __len__(self) -> int:
-        return len(self.plan)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        if not 0 <= start_batch <= len(self.plan):
-            raise ValueError(f"start_batch {start_batch} outside 0..{len(self.plan)}")
-        self.epoch, self.start_batch = epoch, start_batch
-
     def __iter__(self):
         if self._in_flight:
             self._abandon_epoch()
         self.source.start(self.epoch, self.start_batch)
         self._in_flight = True
         for batch_no in range(self.start_batch, len(self.plan)):
-            images, labels, indices = self.pipe.run()
-            yield self.finisher(self._images(images), self._host(labels), self._host(indices),
-                                self.epoch, batch_no)
+            images, labels, indices = (self._to_torch(out) for out in self.pipe.run())
+            if self.channels_last:   # NHWC -> a channels_last NCHW view, without a copy
+                images = images.permute(0, 3, 1, 2)
+            yield self.finisher(images, labels, indices, self.epoch, batch_no)
         self._end_epoch()
 
     def _end_epoch(self) -> None:
@@ -122,20 +112,16 @@ class DaliLoader:
         self.pipe.reset()
         self._in_flight = False
 
-    def _host(self, out) -> torch.Tensor:
-        # DALI reuses its output buffers on the next run: copy out.
-        return torch.from_numpy(np.array(out.as_tensor())).to(self.device, non_blocking=True)
-
-    def _images(self, out) -> torch.Tensor:
+    def _to_torch(self, out) -> torch.Tensor:
+        """One pipeline output (GPU images, or CPU images/labels/indices) on `self.device`."""
         tensor = out.as_tensor()
-        if self.on_gpu:
-            dtype = torch.float16 if tensor.dtype == types.FLOAT16 else torch.float32
-            images = torch.empty(tensor.shape(), dtype=dtype, device=self.device)
-            feed_ndarray(tensor, images, cuda_stream=torch.cuda.current_stream(self.device))
-        else:
-            images = torch.from_numpy(np.array(tensor)).to(self.device, non_blocking=True)
-        # NHWC -> a channels_last NCHW view, without a copy.
-        return images.permute(0, 3, 1, 2) if self.channels_last else images
+        # The dynamic executor (DALI's default) never recycles a buffer that is still
+        # referenced, so DLPack hands it over without a copy, as DALI's own PyTorch iterator
+        # does; the legacy executor reuses its buffers on the next run. Host outputs of a GPU
+        # pipeline may be in pinned memory, from which the asynchronous upload could outlive
+        # the buffer: those (labels and indices, a few bytes) go through a pageable copy.
+        copy = not self.pipe.exec_dynamic or (self.on_gpu and not isinstance(tensor, TensorGPU))
+        return to_torch_tensor(tensor, copy=copy).to(self.device, non_blocking=True)
 
 
 def _cuda_index(device: torch.device) -> int:

@@ -67,6 +67,10 @@ def probe_image(path: str, full: bool = False) -> Probe:
     try:
         with Image.open(path) as img:
             fmt, (width, height) = img.format, img.size
+            if fmt == "MPO":
+                # A camera's multi-picture JPEG (extra frames appended); both decoders read
+                # the first frame, the one PIL reports the size of.
+                fmt = "JPEG"
             if fmt not in SUPPORTED_FORMATS:
                 return _bad(f"unsupported format {fmt}", fmt)
             if width <= 0 or height <= 0:

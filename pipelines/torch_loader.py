@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .batch import BatchFinisher
+from .batch import BatchFinisher, PlannedLoader
 from .crop_plan import CropPlan
 from .datasets import DatasetIndex
 from .sampling import ShardPlan
@@ -102,18 +102,15 @@ class _EpochBatchSampler:
         return len(self.loader.plan) - self.loader.start_batch
 
 
-class TorchLoader:
+class TorchLoader(PlannedLoader):
     """DataLoader-backed loader; see `fastkd.pipelines.build_loader` for the contract."""
     kind = "torch"
 
     def __init__(self, index: DatasetIndex, plan: ShardPlan, settings: ImageSettings, *,
                  crop_plan: CropPlan | None, finisher: BatchFinisher, device: torch.device,
                  num_workers: int, extra_transform=None):
-        self.index, self.plan, self.settings = index, plan, settings
-        self.finisher, self.device = finisher, device
-        self.num_samples, self.classes = len(index), index.classes
-        self.num_classes = finisher.num_classes
-        self.epoch, self.start_batch = 0, 0
+        super().__init__(index, plan, finisher, device)
+        self.settings = settings
         self.mean = torch.tensor(settings.mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(settings.std, device=device).view(1, 3, 1, 1) * 255
         dataset = PlannedImageDataset(index, settings, crop_plan, extra_transform)
@@ -125,19 +122,12 @@ class TorchLoader:
             pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
             generator=workers_seed)
 
-    def __len__(self) -> int:
-        return len(self.plan)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        if not 0 <= start_batch <= len(self.plan):
-            raise ValueError(f"start_batch {start_batch} outside 0..{len(self.plan)}")
-        self.epoch, self.start_batch = epoch, start_batch
-
     def __iter__(self):
         batch_no = self.start_batch
         for images, labels, indices in self.dataloader:
+            # In place on the fresh float copy: one batch-sized allocation instead of three.
             images = images.to(self.device, non_blocking=True).float()
-            images = (images - self.mean) / self.std
+            images = images.sub_(self.mean).div_(self.std)
             labels = labels.to(self.device, non_blocking=True)
             indices = indices.to(self.device, non_blocking=True)
             yield self.finisher(images, labels, indices, self.epoch, batch_no)

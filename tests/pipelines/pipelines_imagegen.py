@@ -64,6 +64,11 @@ def make_bad_and_odd_files(class_dir: Path, seed: int = 5) -> tuple[list[str], l
                  "rgba.png": ("PNG", "RGBA")}
     for name, (fmt, mode) in decodable.items():
         write_image(class_dir / name, smooth_image(rng, 40, 52), fmt=fmt, mode=mode)
+    # A multi-picture JPEG (phone cameras): PIL calls its format MPO.
+    first, second = (Image.fromarray(smooth_image(rng, 40, 52)) for _ in range(2))
+    first.save(class_dir / "multi_picture.JPEG", format="MPO", save_all=True,
+               append_images=[second])
+    decodable["multi_picture.JPEG"] = ("MPO", "RGB")
     whole = jpeg_bytes(smooth_image(rng, 48, 64))
     (class_dir / "truncated.JPEG").write_bytes(whole[: len(whole) * 2 // 3])
     (class_dir / "empty.JPEG").write_bytes(b"")

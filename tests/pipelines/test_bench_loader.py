@@ -21,3 +21,14 @@ def test_bench_loader_writes_a_report(tmp_path):
     before = {p: p.stat().st_mtime_ns for p in generated}
     bench_loader.generate_dataset(tmp_path / "set", 12)
     assert before == {p: p.stat().st_mtime_ns for p in generated}
+
+
+def test_only_the_chosen_providers_are_built(tmp_path, monkeypatch):
+    built = []
+    monkeypatch.setattr(bench_loader, "fastkd_loader",
+                        lambda root, args, loader, device: built.append((loader, device)))
+    monkeypatch.setattr(bench_loader, "torchvision_baseline",
+                        lambda root, args: built.append("torchvision"))
+    args = bench_loader._parser().parse_args(["--only", "fastkd-torch-fallback"])
+    assert list(bench_loader.providers(tmp_path, args)) == ["fastkd-torch-fallback"]
+    assert built == [("torch", "cpu")]
