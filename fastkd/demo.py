@@ -81,11 +81,13 @@ def main(argv: list[str] | None = None) -> int:
              ("student alone (ViT, 4 blocks × 96)", "student.yaml", []),
              ("student + KD (same ViT ← CNN teacher)", "student_kd.yaml", None)]
     teacher_weights = None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
     for label, config_name, extra in steps:
         if extra is None:  # the KD run reads the teacher trained in the first step
             extra = [f"teacher.checkpoint={teacher_weights}"]
         start = time.perf_counter()
-        result = run_step(config_name, common + epochs(config_name) + extra + [f"output.name={Path(config_name).stem}"])
+        name = f"output.name={Path(config_name).stem}-{stamp}"  # a rerun never meets an old run
+        result = run_step(config_name, common + epochs(config_name) + extra + [name])
         wall = time.perf_counter() - start
         if teacher_weights is None:
             teacher_weights = Path(result.run_dir) / "student.safetensors"

@@ -12,7 +12,7 @@ import warnings
 
 from fastkd.config import ConfigError, from_dict
 
-from .base import Distiller, Needs, NoParams, UnsupportedPair, Vanilla
+from .base import Distiller, LogitDistiller, Needs, NoParams, UnsupportedPair, Vanilla
 
 DISTILLERS: dict[str, type[Distiller]] = {}
 
@@ -55,5 +55,5 @@ def build_params(method: str, params: dict):
     return from_dict(get_distiller_class(method).Params, params, "distill.params.")
 
 
-__all__ = ["DISTILLERS", "Distiller", "Needs", "NoParams", "UnsupportedPair", "register",
-           "get_distiller_class", "build_params"]
+__all__ = ["DISTILLERS", "Distiller", "LogitDistiller", "Needs", "NoParams", "UnsupportedPair",
+           "register", "get_distiller_class", "build_params"]

@@ -123,6 +123,25 @@ class Distiller(nn.Module):
         return sum(p.numel() for p in self.parameters() if id(p) not in student and p.requires_grad)
 
 
+class LogitDistiller(Distiller):
+    """A method that reads only the two models' logits (KD, DKD, NKD, WSLD, DIST, BKD).
+
+    One student forward, the teacher's logits, and the terms `loss_gt` and `loss_kd`; a
+    subclass gives only `kd_term`, its weighted distillation term (warm-ups included).
+    """
+    needs = Needs(teacher=True, teacher_logits=True, cacheable=True)
+
+    def kd_term(self, logits: Tensor, teacher_logits: Tensor, labels: Tensor,
+                epoch: float) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, images, labels, *, epoch=1.0, indices=None):
+        logits = self.student(images)
+        teacher_logits = self.teacher.logits(images)
+        return logits, {**self.gt_term(logits, labels),
+                        "loss_kd": self.kd_term(logits, teacher_logits, labels, epoch)}
+
+
 class Vanilla(Distiller):
     """The student alone, trained on the ground truth (the `none` method)."""
     name = "none"

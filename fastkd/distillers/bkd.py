@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from fastkd.losses import bkd_loss
 
 from . import register
-from .base import Distiller, Needs
+from .base import LogitDistiller
 
 
 @dataclass(frozen=True)
@@ -15,7 +15,7 @@ class BKDParams:
 
 
 @register
-class BKD(Distiller):
+class BKD(LogitDistiller):
     """`gt_weight·CE + kd_weight · BCEWithLogits(z_s, σ(z_t))`, element mean over B×K.
 
     Formula: methods.md §1.6, `fastkd.losses.bkd_loss`; no temperature. Defaults OFAKD's.
@@ -23,11 +23,7 @@ class BKD(Distiller):
     """
     name = "bkd"
     paper = "— (binary KD baseline of Hao et al., One-for-All, NeurIPS 2023, Hao840/OFAKD)"
-    needs = Needs(teacher=True, teacher_logits=True, cacheable=True)
     Params = BKDParams
 
-    def forward(self, images, labels, *, epoch=1.0, indices=None):
-        logits = self.student(images)
-        teacher_logits = self.teacher.logits(images)
-        loss = bkd_loss(logits, teacher_logits)
-        return logits, {**self.gt_term(logits, labels), "loss_kd": self.params.kd_weight * loss}
+    def kd_term(self, logits, teacher_logits, labels, epoch):
+        return self.params.kd_weight * bkd_loss(logits, teacher_logits)

@@ -160,11 +160,14 @@ class CAKD(Distiller):
         attn = self.attention
         batch, length, _ = qkv.shape
         q, k, v = qkv.float().view(batch, length, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-        # timm's ViT Attention may normalise q and k per head (qk_norm); others have no such layer.
-        q = getattr(attn, "q_norm", nn.Identity())(q)
-        k = getattr(attn, "k_norm", nn.Identity())(k)
-        qk = (q * q.shape[-1] ** -0.5 @ k.transpose(-2, -1)).mean(1)
-        vv = (v @ v.transpose(-2, -1)).mean(1)
+        # fp32 targets: under the engine's bf16 autocast these matmuls would run (and the
+        # targets come back) in bf16, whatever the `.float()` above; unscaled VVᵀ is large.
+        with torch.autocast(qkv.device.type, enabled=False):
+            # timm's ViT Attention may normalise q and k per head (qk_norm); others have none.
+            q = getattr(attn, "q_norm", nn.Identity())(q)
+            k = getattr(attn, "k_norm", nn.Identity())(k)
+            qk = (q * q.shape[-1] ** -0.5 @ k.transpose(-2, -1)).mean(1)
+            vv = (v @ v.transpose(-2, -1)).mean(1)
         cut = self.prefix_tokens
         return qk[:, cut:, cut:], vv[:, cut:, cut:]
 

@@ -29,16 +29,21 @@ class CRDParams:
     num_samples: int | None = None   # N, training-set size: the memory bank has one row per sample
 
 
-def nce_loss(scores: Tensor, num_samples: int) -> Tensor:
+def nce_loss(scores: Tensor, num_samples: int, valid: Tensor | None = None) -> Tensor:
     """CRD's NCE loss for one side (OFAKD `ContrastLoss`), from B×(1+K) normalised scores
     P (column 0: the positive, then K negatives), noise probability P_n = 1/N:
 
     `L = −(1/B) [Σ_b log(P⁺ / (P⁺ + K·P_n + ε)) + Σ_{b,j} log(K·P_n / (P⁻ + K·P_n + ε))]`.
+
+    `valid` (B bools) leaves out padded samples (dataset index −1), whose positive row is
+    unknown; B stays the batch size.
     """
     noise = (scores.shape[1] - 1) / num_samples   # K·P_n
     positive = torch.log(scores[:, 0] / (scores[:, 0] + noise + NCE_EPS))
-    negative = torch.log(noise / (scores[:, 1:] + noise + NCE_EPS))
-    return -(positive.sum() + negative.sum()) / scores.shape[0]
+    per_sample = positive + torch.log(noise / (scores[:, 1:] + noise + NCE_EPS)).sum(dim=1)
+    if valid is not None:
+        per_sample = torch.where(valid, per_sample, 0.0)
+    return -per_sample.sum() / scores.shape[0]
 
 
 def _gather_ranks(x: Tensor) -> Tensor:
@@ -59,7 +64,8 @@ class ContrastMemory(nn.Module):
     uniform weights is uniform). Z per side is fixed at the first batch: `mean(exp(·)) · N`.
     Rows of the batch's samples are then moved towards the new embeddings with momentum and
     re-normalised. Under DDP the update and Z use every rank's batch, so all ranks keep the
-    same banks (OFAKD updates each rank's copy from its own batch only).
+    same banks (OFAKD updates each rank's copy from its own batch only). Padded samples
+    (index −1: the sampler's wrap-around without `drop_last`) read row 0 and update nothing.
     """
 
     def __init__(self, dim: int, num_samples: int, num_negatives: int, temperature: float,
@@ -94,7 +100,7 @@ class ContrastMemory(nn.Module):
         batch = embed_s.shape[0]
         rows = torch.randint(0, self.num_samples, (batch, self.num_negatives + 1),
                              device=indices.device)
-        rows[:, 0] = indices
+        rows[:, 0] = indices.clamp_min(0)   # padding (−1) reads row 0; its loss is masked
         # Bank rows are constants here: the update below happens under no_grad.
         bank_t = self.memory_t[rows].detach()   # B×(1+K)×D
         bank_s = self.memory_s[rows].detach()
@@ -113,9 +119,15 @@ class ContrastMemory(nn.Module):
     def _update(self, embed_s: Tensor, embed_t: Tensor, indices: Tensor) -> None:
         embed_s, embed_t = _gather_ranks(embed_s), _gather_ranks(embed_t)
         indices = _gather_ranks(indices)
+        # Padded samples (−1) must change nothing. Filtering them out would cost a host sync
+        # (dynamic shape), and rewriting their row with its old value races with a real sample
+        # of the same row in an index_copy_; adding a zero change is exact in any order.
+        valid = (indices >= 0)[:, None]
+        rows = indices.clamp_min(0)
         for bank, embed in ((self.memory_s, embed_s), (self.memory_t, embed_t)):
-            moved = bank[indices] * self.momentum + embed * (1 - self.momentum)
-            bank.index_copy_(0, indices, F.normalize(moved, dim=1))
+            old = bank[rows]
+            moved = F.normalize(old * self.momentum + embed * (1 - self.momentum), dim=1)
+            bank.index_add_(0, rows, (moved - old) * valid)
 
 
 @register
@@ -131,7 +143,8 @@ class CRD(Distiller):
     Deviations: negatives are drawn by `torch.randint` (uniform, as OFAKD's alias sampler over
     uniform weights) and may include the positive's own row, as there; `F.normalize` floors
     the norm at 1e-12; banks and Z stay identical across DDP ranks (`ContrastMemory`); scores
-    are computed in fp32 under autocast (OFAKD's `--amp` runs them in fp16).
+    are computed in fp32 under autocast (OFAKD's `--amp` runs them in fp16); padded samples
+    (index −1, the last batch without `drop_last`) neither add to the loss nor move the banks.
     """
     name = "crd"
     paper = "Tian et al., Contrastive Representation Distillation, ICLR 2020 (arXiv 1910.10699)"
@@ -149,6 +162,9 @@ class CRD(Distiller):
         self.embed_t = nn.Linear(pooled_dim(teacher.model), params.feat_dim)
         self.memory = ContrastMemory(params.feat_dim, params.num_samples, params.num_negatives,
                                      params.temperature, params.momentum)
+        # The banks start equal on every rank (same seed) and stay equal (`ContrastMemory`
+        # updates them from the gathered batch): the engine's DDP wrapper leaves such method
+        # buffers alone (`fastkd.build.method_buffers`) instead of broadcasting 1.3 GB a step.
 
     def forward(self, images, labels, *, epoch=1.0, indices=None):
         if indices is None:
@@ -158,6 +174,8 @@ class CRD(Distiller):
         teacher_pooled = self.teacher.features(images, (), with_logits=False).pooled
         embed_s = F.normalize(self.embed_s(feats.pooled).float(), dim=1)
         embed_t = F.normalize(self.embed_t(teacher_pooled).float(), dim=1)
-        scores_s, scores_t = self.memory(embed_s, embed_t, indices.long())
-        loss = nce_loss(scores_s, p.num_samples) + nce_loss(scores_t, p.num_samples)
+        indices = indices.long()
+        scores_s, scores_t = self.memory(embed_s, embed_t, indices)
+        valid = indices >= 0   # padding of the last batch (no drop_last): no positive row
+        loss = nce_loss(scores_s, p.num_samples, valid) + nce_loss(scores_t, p.num_samples, valid)
         return feats.logits, {**self.gt_term(feats.logits, labels), "loss_kd": p.kd_weight * loss}

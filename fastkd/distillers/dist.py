@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from fastkd.losses import dist_loss
 
 from . import register
-from .base import Distiller, Needs
+from .base import LogitDistiller
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,7 @@ class DISTParams:
 
 
 @register
-class DIST(Distiller):
+class DIST(LogitDistiller):
     """`gt_weight·CE + kd_weight · τ² (β·inter + γ·intra)`, Pearson relations of σ(z/τ).
 
     Formula: methods.md §1.6, `fastkd.losses.dist_loss`; defaults OFAKD's
@@ -30,12 +30,8 @@ class DIST(Distiller):
     name = "dist"
     paper = "Huang et al., Knowledge Distillation from A Stronger Teacher, NeurIPS 2022 " \
             "(arXiv 2205.10536)"
-    needs = Needs(teacher=True, teacher_logits=True, cacheable=True)
     Params = DISTParams
 
-    def forward(self, images, labels, *, epoch=1.0, indices=None):
-        logits = self.student(images)
-        teacher_logits = self.teacher.logits(images)
+    def kd_term(self, logits, teacher_logits, labels, epoch):
         p = self.params
-        loss = dist_loss(logits, teacher_logits, beta=p.beta, gamma=p.gamma, tau=p.tau)
-        return logits, {**self.gt_term(logits, labels), "loss_kd": p.kd_weight * loss}
+        return p.kd_weight * dist_loss(logits, teacher_logits, beta=p.beta, gamma=p.gamma, tau=p.tau)

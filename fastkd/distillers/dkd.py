@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from fastkd.losses import dkd_loss
 
 from . import register
-from .base import Distiller, Needs
+from .base import LogitDistiller
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,7 @@ class DKDParams:
 
 
 @register
-class DKD(Distiller):
+class DKD(LogitDistiller):
     """`gt_weight·CE + min(epoch / warmup_epochs, 1) · (α·TCKD + β·NCKD)`.
 
     Formula: methods.md §7.1, `fastkd.losses.dkd_loss`; total and warm-up §7.2 (mdistiller,
@@ -35,7 +35,6 @@ class DKD(Distiller):
     """
     name = "dkd"
     paper = "Zhao et al., Decoupled Knowledge Distillation, CVPR 2022 (arXiv 2203.08679)"
-    needs = Needs(teacher=True, teacher_logits=True, cacheable=True)
     Params = DKDParams
 
     def warmup_factor(self, epoch: float) -> float:
@@ -43,10 +42,8 @@ class DKD(Distiller):
         warmup = self.params.warmup_epochs
         return min(epoch / warmup, 1.0) if warmup > 0 else 1.0
 
-    def forward(self, images, labels, *, epoch=1.0, indices=None):
-        logits = self.student(images)
-        teacher_logits = self.teacher.logits(images)
+    def kd_term(self, logits, teacher_logits, labels, epoch):
         p = self.params
         loss = dkd_loss(logits, teacher_logits, self.hard_target(labels),
                         alpha=p.alpha, beta=p.beta, temperature=p.temperature)
-        return logits, {**self.gt_term(logits, labels), "loss_kd": self.warmup_factor(epoch) * loss}
+        return self.warmup_factor(epoch) * loss

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from fastkd.losses import kd_loss
 
 from . import register
-from .base import Distiller, Needs
+from .base import LogitDistiller
 
 
 @dataclass(frozen=True)
@@ -16,7 +16,7 @@ class KDParams:
 
 
 @register
-class KD(Distiller):
+class KD(LogitDistiller):
     """`gt_weight·CE(z_s, y) + kd_weight · T² · (1/B) Σ_b KL(σ(z_t/T) ‖ σ(z_s/T))`.
 
     Formula: methods.md §0.1 (KL form), `fastkd.losses.kd_loss`; defaults are OFAKD's
@@ -32,12 +32,8 @@ class KD(Distiller):
     """
     name = "kd"
     paper = "Hinton et al., Distilling the Knowledge in a Neural Network, 2015 (arXiv 1503.02531)"
-    needs = Needs(teacher=True, teacher_logits=True, cacheable=True)
     Params = KDParams
 
-    def forward(self, images, labels, *, epoch=1.0, indices=None):
-        logits = self.student(images)
-        teacher_logits = self.teacher.logits(images)
+    def kd_term(self, logits, teacher_logits, labels, epoch):
         p = self.params
-        return logits, {**self.gt_term(logits, labels),
-                        "loss_kd": p.kd_weight * kd_loss(logits, teacher_logits, p.temperature)}
+        return p.kd_weight * kd_loss(logits, teacher_logits, p.temperature)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from fastkd.losses import nkd_loss
 
 from . import register
-from .base import Distiller, Needs
+from .base import LogitDistiller
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,7 @@ class NKDParams:
 
 
 @register
-class NKD(Distiller):
+class NKD(LogitDistiller):
     """`gt_weight·CE + L_target + L_non` (NKD carries no extra weight; γ is inside L_non).
 
     Formula: methods.md §4.4, `fastkd.losses.nkd_loss`. Defaults: cls_KD ImageNet CNN configs
@@ -30,13 +30,9 @@ class NKD(Distiller):
     paper = "Yang et al., From Knowledge Distillation to Self-Knowledge Distillation: " \
             "A Unified Approach with Normalized Loss and Customized Soft Labels, ICCV 2023 " \
             "(arXiv 2303.13005)"
-    needs = Needs(teacher=True, teacher_logits=True, cacheable=True)
     Params = NKDParams
 
-    def forward(self, images, labels, *, epoch=1.0, indices=None):
-        logits = self.student(images)
-        teacher_logits = self.teacher.logits(images)
+    def kd_term(self, logits, teacher_logits, labels, epoch):
         p = self.params
-        loss = nkd_loss(logits, teacher_logits, self.hard_target(labels),
+        return nkd_loss(logits, teacher_logits, self.hard_target(labels),
                         temperature=p.temperature, gamma=p.gamma)
-        return logits, {**self.gt_term(logits, labels), "loss_kd": loss}

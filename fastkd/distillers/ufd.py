@@ -46,8 +46,10 @@ class UFD(Distiller):
     whose final features are a per-position norm of its last stage (Swin, ViT, ConvNeXt, ResNet,
     Mixer); others raise `UnsupportedPair` at construction.
 
-    Deviations from the official code: the CAP has no ×2 upsampling and its positional map has
-    the student's grid (`pos_hw` = student grid, methods.md §6.2: the latest commit's
+    Deviations from the official code: a term whose weight is 0 is not logged, and a branch
+    whose two weights are 0 has no projector (official: built and run, the loss multiplied by
+    0, which DDP would reject as an unused parameter); the CAP has no ×2 upsampling and its
+    positional map has the student's grid (`pos_hw` = student grid, methods.md §6.2: the latest commit's
     upsampling does not fit its own configs); the projector's queries set the output grid to the
     teacher's, so student and teacher grids may differ.
     """
@@ -67,10 +69,17 @@ class UFD(Distiller):
         s, t = stage_info(student, size)[4], stage_info(teacher.model, size)[4]
         self.teacher_grid = (t.height, t.width)
         heads = params.num_heads or default_num_heads(t.channels, params.head_dim)
-        self.spatial_projector, self.channel_projector = (
-            CrossAttentionProjector(s.channels, (s.height, s.width), t.channels, self.teacher_grid,
-                                    num_heads=heads, softmax_scale=params.softmax_scale)
-            for _ in range(2))
+
+        def projector(weights: tuple[float, float]) -> CrossAttentionProjector | None:
+            # A branch whose DC and AC weights are both 0 gets no projector: built and run for a
+            # zero loss, its parameters would get no gradient, which DDP rejects.
+            if not any(weights):
+                return None
+            return CrossAttentionProjector(s.channels, (s.height, s.width), t.channels,
+                                           self.teacher_grid, num_heads=heads,
+                                           softmax_scale=params.softmax_scale)
+        self.spatial_projector = projector(params.weights[:2])
+        self.channel_projector = projector(params.weights[2:])
 
     @property
     def use_kd(self) -> bool:
@@ -81,14 +90,17 @@ class UFD(Distiller):
         student = forward_features(self.student, images, (4,))
         teacher = self.teacher.features(images, (4,), with_logits=self.use_kd)
         target = self.final_norm(teacher.stages[4])
-        spatial = tokens_to_grid(self.spatial_projector(student.stages[4]), self.teacher_grid)
-        channel = tokens_to_grid(self.channel_projector(student.stages[4]), self.teacher_grid)
-        dc_spat, ac_spat, dc_chan, ac_chan = p.weights
         terms = self.gt_term(student.logits, labels)
-        terms["loss_dc_spat"] = freq_decoupled_loss(spatial, target, dc_spat, 0.0, dim="spatial")
-        terms["loss_ac_spat"] = freq_decoupled_loss(spatial, target, 0.0, ac_spat, dim="spatial")
-        terms["loss_dc_channel"] = freq_decoupled_loss(channel, target, dc_chan, 0.0, dim="channel")
-        terms["loss_ac_channel"] = freq_decoupled_loss(channel, target, 0.0, ac_chan, dim="channel")
+        branches = (("spat", "spatial", self.spatial_projector, p.weights[:2]),
+                    ("channel", "channel", self.channel_projector, p.weights[2:]))
+        for suffix, dim, projector, (dc, ac) in branches:
+            if projector is None:
+                continue
+            grid = tokens_to_grid(projector(student.stages[4]), self.teacher_grid)
+            if dc:
+                terms[f"loss_dc_{suffix}"] = freq_decoupled_loss(grid, target, dc, 0.0, dim=dim)
+            if ac:
+                terms[f"loss_ac_{suffix}"] = freq_decoupled_loss(grid, target, 0.0, ac, dim=dim)
         if self.use_kd:
             terms["loss_kd"] = p.kd_weight * soft_ce_kd_loss(student.logits, teacher.logits,
                                                              p.temperature)

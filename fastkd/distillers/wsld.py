@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from fastkd.losses import wsld_loss
 
 from . import register
-from .base import Distiller, Needs
+from .base import LogitDistiller
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,7 @@ class WSLDParams:
 
 
 @register
-class WSLD(Distiller):
+class WSLD(LogitDistiller):
     """`gt_weight·CE + α T² (1/B) Σ_b w_b ℓ_soft,b` with sample weights `w` from the CE ratio.
 
     Formula: methods.md §4.7, `fastkd.losses.wsld_loss` (cls_KD master `WSLDLoss`); the CE
@@ -29,13 +29,9 @@ class WSLD(Distiller):
     name = "wsld"
     paper = "Zhou et al., Rethinking Soft Labels for Knowledge Distillation: " \
             "A Bias-Variance Tradeoff Perspective, ICLR 2021 (arXiv 2102.00650)"
-    needs = Needs(teacher=True, teacher_logits=True, cacheable=True)
     Params = WSLDParams
 
-    def forward(self, images, labels, *, epoch=1.0, indices=None):
-        logits = self.student(images)
-        teacher_logits = self.teacher.logits(images)
+    def kd_term(self, logits, teacher_logits, labels, epoch):
         p = self.params
-        loss = wsld_loss(logits, teacher_logits, self.hard_target(labels),
+        return wsld_loss(logits, teacher_logits, self.hard_target(labels),
                          temperature=p.temperature, alpha=p.alpha)
-        return logits, {**self.gt_term(logits, labels), "loss_kd": loss}

@@ -98,6 +98,17 @@ def test_cakd_teacher_attention_is_the_last_block_presoftmax_logits():
     torch.testing.assert_close(vv, (v @ v.transpose(-2, -1)).mean(1)[:, 1:, 1:], rtol=1e-5, atol=1e-5)
 
 
+def test_cakd_teacher_attention_targets_are_fp32_under_bf16_autocast():
+    distiller = build("cakd", *tiny_pair("cnn", "vit"))
+    qkv = 10 * torch.randn(2, 17, distiller.attention.qkv.out_features)   # 1 + 16 tokens
+    expected = distiller.teacher_attention(qkv)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        found = distiller.teacher_attention(qkv)
+    for got, want in zip(found, expected):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want)
+
+
 def patch_rows_of_qk(distiller, qkv):
     """Head-averaged QKᵀ·scale for the patch rows over every key (class column kept), to match
     the softmax rows of timm's attention."""

@@ -245,6 +245,31 @@ def test_crd_memory_scores_and_update():
     assert torch.equal(memory.z_s, z)                                          # Z fixed once
 
 
+def test_crd_padded_samples_neither_move_the_banks_nor_add_to_the_loss():
+    # Without drop_last the sampler pads a rank's last batch with index −1 (pipelines/sampling).
+    torch.manual_seed(0)
+    memory = ContrastMemory(dim=4, num_samples=10, num_negatives=3, temperature=0.5, momentum=0.5)
+    bank_s = memory.memory_s.clone()
+    v = torch.nn.functional.normalize(torch.randn(3, 4), dim=1)
+    scores_s, _ = memory(v, v, torch.tensor([3, 0, -1]))                  # pad reads row 0
+    moved = torch.nn.functional.normalize(0.5 * bank_s[[3, 0]] + 0.5 * v[:2], dim=1)
+    assert torch.allclose(memory.memory_s[[3, 0]], moved)     # the real row 0 moved once
+    untouched = [i for i in range(10) if i not in (0, 3)]
+    assert torch.equal(memory.memory_s[untouched], bank_s[untouched])    # row N−1 included
+    valid = torch.tensor([True, True, False])
+    assert torch.allclose(nce_loss(scores_s, 10, valid), nce_loss(scores_s[:2], 10) * 2 / 3)
+    distiller = build("crd")
+    images, labels = batch()
+    _, terms = distiller(images, labels, indices=torch.tensor([0, 1, 2, -1]))
+    assert torch.isfinite(terms["loss_kd"])
+
+
+def test_crd_banks_are_not_broadcast_by_ddp():
+    from fastkd.build import method_buffers
+    distiller = build("crd")
+    assert {"memory.memory_s", "memory.memory_t"} <= set(method_buffers(distiller))
+
+
 def test_crd_needs_num_samples_and_indices():
     student, teacher = tiny_pair("cnn", "cnn")
     with pytest.raises(ValueError, match="num_samples"):

@@ -163,6 +163,17 @@ def test_ufd_use_logit_false_drops_kd_like_the_imagenet_config():
     assert "loss_kd" not in terms and "loss_gt" in terms
 
 
+def test_ufd_branch_with_zero_weights_builds_no_unused_projector():
+    """Channel branch switched off: nothing that would idle (no gradient) under DDP."""
+    distiller = build("ufd", *tiny_pair("cnn", "swin"), weights=[0.03, 0.065, 0.0, 0.0])
+    assert distiller.channel_projector is None
+    terms = two_training_steps(distiller)
+    assert set(terms) == {"loss_gt", "loss_kd", "loss_dc_spat", "loss_ac_spat"}
+    student = {id(p) for p in distiller.student.parameters()}
+    assert all(p.grad is not None for p in distiller.parameters()
+               if p.requires_grad and id(p) not in student)
+
+
 def test_ufd_defaults():
     p = build_params("ufd", {})
     assert p.weights == (0.03, 0.065, 0.003, 0.0065) and p.use_logit and p.kd_weight == 0.5
