@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from fastkd.config import Config, ConfigError, config_to_dict, from_dict
 from fastkd.distributed import all_gather_objects
+from fastkd.weight_files import WeightFileError
 
 if TYPE_CHECKING:
     from fastkd.build import TrainingSetup
@@ -130,7 +131,7 @@ def load_checkpoint(path: str | Path) -> dict:
         raise FileNotFoundError(f"no checkpoint at {path}")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict) or checkpoint.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path} is not a fastkd checkpoint (version {CHECKPOINT_VERSION})")
+        raise WeightFileError(f"{path} is not a fastkd checkpoint (version {CHECKPOINT_VERSION})")
     return checkpoint
 
 
@@ -148,7 +149,7 @@ def restore_training_state(checkpoint: dict, *, distiller: nn.Module, optimizer,
         scaler.load_state_dict(checkpoint["scaler"])
     if ema is not None:
         if checkpoint["ema"] is None:
-            raise ValueError("train.ema is on but the checkpoint has no EMA weights")
+            raise WeightFileError("train.ema is on but the checkpoint has no EMA weights")
         ema.load_state_dict(checkpoint["ema"], strict=True)
         ema._sr_generator.set_state(checkpoint["ema_rounding_rng"])
     return TrainPosition(**checkpoint["position"])

@@ -31,9 +31,9 @@ BENCHES = ("loader", "kernels")
 def _user_errors() -> tuple[type[BaseException], ...]:
     from fastkd.config import ConfigError
     from fastkd.distillers import UnsupportedPair
-    from fastkd.models import TeacherHeadMismatch
     from fastkd.pipelines import DataError
-    return ConfigError, UnsupportedPair, TeacherHeadMismatch, DataError, FileNotFoundError
+    from fastkd.weight_files import WeightFileError   # includes TeacherHeadMismatch
+    return ConfigError, UnsupportedPair, WeightFileError, DataError, FileNotFoundError
 
 
 def _run_stopped() -> tuple[type[BaseException], ...]:

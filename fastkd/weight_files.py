@@ -17,7 +17,11 @@ _EMA_KEYS = ("state_dict_ema", "model_ema")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-class TeacherHeadMismatch(ValueError):
+class WeightFileError(ValueError):
+    """A weight file that cannot be read, or whose weights do not fit the model."""
+
+
+class TeacherHeadMismatch(WeightFileError):
     """The teacher's classifier was trained for another number of classes than the data has."""
 
 
@@ -50,7 +54,7 @@ def _read_checkpoint(path: Path) -> dict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise ValueError(f"{path} holds objects that torch.load(weights_only=True) refuses to "
+        raise WeightFileError(f"{path} holds objects that torch.load(weights_only=True) refuses to "
                          f"unpickle; save its state dict alone (torch.save(model.state_dict()))"
                          ) from error
 
@@ -65,14 +69,14 @@ def _nested_state_dict(raw, path: Path, use_ema: bool) -> dict[str, Tensor]:
         for key in _EMA_KEYS:
             if isinstance(raw, dict) and _is_state_dict(raw.get(key)):
                 return raw[key]
-        raise ValueError(f"{path}: use_ema=True but no EMA weights under {_EMA_KEYS}; "
+        raise WeightFileError(f"{path}: use_ema=True but no EMA weights under {_EMA_KEYS}; "
                          f"keys found: {found}")
     if _is_state_dict(raw):
         return raw
     for key in _STATE_KEYS + _EMA_KEYS:
         if isinstance(raw, dict) and _is_state_dict(raw.get(key)):
             return raw[key]
-    raise ValueError(f"{path}: no state dict found (a dict of tensors, or one under "
+    raise WeightFileError(f"{path}: no state dict found (a dict of tensors, or one under "
                      f"{_STATE_KEYS + _EMA_KEYS}); keys found: {found}")
 
 
@@ -115,5 +119,5 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], path, *, reset_head
     if any(problems.values()):
         listed = "; ".join(f"{what} ({len(keys)}): {keys[:5]}"
                            for what, keys in problems.items() if keys)
-        raise ValueError(f"{path} does not fit {type(model).__name__}: {listed}")
+        raise WeightFileError(f"{path} does not fit {type(model).__name__}: {listed}")
     model.load_state_dict(state, strict=not wrong_head)

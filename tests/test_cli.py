@@ -123,3 +123,14 @@ def test_user_errors_exit_2_without_traceback(cfg_path, tmp_path, capsys, monkey
     assert main(["train", str(cfg_path), "data.root=" + str(tmp_path / "nowhere"),
                  "output.name=nodata"]) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_unreadable_weights_are_a_usage_error_not_a_traceback(cfg_path, tmp_path, capsys):
+    assert main(["train", str(cfg_path), "train.epochs=1"]) == 0
+    run_dir = next((tmp_path / "runs").iterdir())
+    junk = tmp_path / "junk.pt"
+    torch.save({"not": "weights"}, junk)
+    assert main(["export", str(run_dir), "--checkpoint", str(junk)]) == 2
+    assert main(["eval", str(run_dir), "--checkpoint", str(junk)]) == 2
+    err = capsys.readouterr().err
+    assert "junk.pt" in err and "Traceback" not in err

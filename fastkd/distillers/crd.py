@@ -127,7 +127,10 @@ class ContrastMemory(nn.Module):
         for bank, embed in ((self.memory_s, embed_s), (self.memory_t, embed_t)):
             old = bank[rows]
             moved = F.normalize(old * self.momentum + embed * (1 - self.momentum), dim=1)
-            bank.index_add_(0, rows, (moved - old) * valid)
+            # a non-finite step is skipped by the engine, but this update has already run:
+            # such rows keep their old value rather than poisoning the bank for good
+            keep = valid & torch.isfinite(moved).all(dim=1, keepdim=True)
+            bank.index_add_(0, rows, torch.where(keep, moved - old, 0.0))
 
 
 @register

@@ -257,7 +257,10 @@ class PAT(Distiller):
         blended = self.raa([student.stages[s] for s in STAGES])
         aligned = {s: aligner(tokens) for s, aligner, tokens in zip(STAGES, self.aligners, blended)}
         if self.training:
-            self.feedback = {s: (aligned[s] - prompted.stages[s]).detach() for s in STAGES}
+            # nan_to_num: a step the engine skips as non-finite must not feed NaN forward
+            # (zero feedback is the "no feedback" state)
+            self.feedback = {s: torch.nan_to_num((aligned[s] - prompted.stages[s]).detach(),
+                                                 nan=0.0, posinf=0.0, neginf=0.0) for s in STAGES}
         feature_loss = sum(hcl_loss(aligned[s], prompted.stages[s]) for s in STAGES)
         return student.logits, {
             **self.gt_term(student.logits, labels),

@@ -264,6 +264,17 @@ def test_crd_padded_samples_neither_move_the_banks_nor_add_to_the_loss():
     assert torch.isfinite(terms["loss_kd"])
 
 
+def test_crd_non_finite_embeddings_leave_the_banks_alone():
+    """The engine skips a non-finite step after the forward: the bank update has run by then."""
+    memory = ContrastMemory(dim=4, num_samples=10, num_negatives=3, temperature=0.5, momentum=0.5)
+    bank_s = memory.memory_s.clone()
+    v = torch.nn.functional.normalize(torch.randn(2, 4), dim=1)
+    v[1] = float("nan")
+    memory(v, v, torch.tensor([3, 5]))
+    assert torch.isfinite(memory.memory_s).all() and torch.equal(memory.memory_s[5], bank_s[5])
+    assert not torch.equal(memory.memory_s[3], bank_s[3])     # the finite sample still moved
+
+
 def test_crd_banks_are_not_broadcast_by_ddp():
     from fastkd.build import method_buffers
     distiller = build("crd")
