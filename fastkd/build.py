@@ -25,7 +25,7 @@ from fastkd.checkpoint import load_checkpoint, student_state_dict
 from fastkd.config import Config, ConfigError, OptimConfig, replace
 from fastkd.distillers import build_params, get_distiller_class
 from fastkd.distillers.base import Distiller
-from fastkd.distributed import World
+from fastkd.distributed import World, barrier
 from fastkd.models import (Teacher, create_student, create_teacher, load_state_dict_file,
                            model_data_config, model_family)
 from fastkd.pipelines import DataError, build_loader, load_index, replayable
@@ -77,6 +77,18 @@ def _check_counts(cfg: Config) -> None:
                                1 if t.max_steps_per_epoch is None else t.max_steps_per_epoch, 1)):
         if value < least:
             raise ConfigError(f"{key}: {value} is not allowed; it must be at least {least}")
+
+
+def index_splits_first_on_rank0(cfg: Config, world: World) -> None:
+    """Rank 0 indexes the splits (one header probe per file) while the other ranks wait, then
+    they read its cached index instead of probing the same files all at once."""
+    if world.distributed and world.rank == 0:
+        for split in (cfg.data.train_split, cfg.data.val_split):
+            try:
+                load_index(cfg.data.root, split, workers=max(4, cfg.data.num_workers))
+            except (DataError, FileNotFoundError):
+                pass   # reported below by the loader that needs the split, on every rank
+    barrier(world)
 
 
 def count_classes(cfg: Config) -> int:
@@ -292,6 +304,7 @@ def build_training(cfg: Config, world: World) -> TrainingSetup:
     has already refused what `check_runnable` refuses, before touching the run directory."""
     device = world.device
     method = get_distiller_class(cfg.distill.method)
+    index_splits_first_on_rank0(cfg, world)
     num_classes = count_classes(cfg)
     student = build_student(cfg, num_classes)
     model_cfg = model_data_config(student)
