@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import statistics
 from pathlib import Path
 from typing import Callable
@@ -21,6 +20,7 @@ import torch
 
 from fastkd import losses
 from fastkd.bench.report import write_report
+from fastkd.losses import eager_only
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 LOGIT_SHAPES = [(256, 1000), (1024, 1000), (256, 21843)]
@@ -31,20 +31,6 @@ TOPK = 10
 # map-sized transfers per forward + backward of the fused kernels (student and teacher read in
 # each pass, the gradient written once): one forward pass, or two in channel mode
 MAP_PASSES = {"feature_mimic": 5, "freq_spatial": 5, "freq_channel": 7}
-
-
-@contextlib.contextmanager
-def _eager_losses():
-    """`fastkd.losses` on its reference path while the eager providers run."""
-    previous = os.environ.get("FASTKD_KERNELS")
-    os.environ["FASTKD_KERNELS"] = "eager"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("FASTKD_KERNELS")
-        else:
-            os.environ["FASTKD_KERNELS"] = previous
 
 
 Scenarios = dict[str, tuple[Callable, Callable, tuple]]  # name -> (eager, fused, args after student)
@@ -144,7 +130,7 @@ def bench_scenario(name: str, eager: Callable, fused: Callable, student: torch.T
     """One row per provider for one loss on one set of inputs."""
     rows = []
     for provider, loss_fn in _providers(eager, fused, providers).items():
-        context = contextlib.nullcontext() if provider == "fused" else _eager_losses()
+        context = contextlib.nullcontext() if provider == "fused" else eager_only()
         with context:
             ms = time_forward_backward(loss_fn, student, args, repeats)
             memory = peak_memory_mb(loss_fn, student, args)

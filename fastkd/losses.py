@@ -18,6 +18,7 @@ teacher may be a tensor or a `TopKLogits`), to the kernel registered in
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Callable, NamedTuple
@@ -32,6 +33,21 @@ _LOGIT_CEILING = 1e30  # +inf logits become this: finite, yet exp(x − ceiling)
 # --------------------------------------------------------------------------------------------
 # Kernel dispatch
 # --------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def eager_only():
+    """Within the block every loss takes its eager reference path (as `FASTKD_KERNELS=eager`):
+    what tests and benchmarks compare the fused kernels against."""
+    previous = os.environ.get("FASTKD_KERNELS")
+    os.environ["FASTKD_KERNELS"] = "eager"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("FASTKD_KERNELS", None)
+        else:
+            os.environ["FASTKD_KERNELS"] = previous
+
 
 def _fused(name: str, x: Tensor) -> Callable | None:
     """The fused kernel registered under `name` for CUDA inputs; None means: use eager."""

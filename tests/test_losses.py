@@ -4,6 +4,7 @@ Each public loss is run on fp32/bf16/fp16 inputs; its reference sees the same ro
 float64, so values differ only by fp32-vs-fp64 arithmetic, while gradients come back in the input
 dtype and get that dtype's tolerance. Then the invariants of methods.md §9.
 """
+import os
 import sys
 import types
 
@@ -660,3 +661,14 @@ def test_rkd_loss_keeps_fp32_under_bf16_autocast():
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         under_autocast = losses.rkd_loss(student, teacher)
     torch.testing.assert_close(under_autocast, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_eager_only_forces_and_restores_the_dispatch_setting(monkeypatch):
+    monkeypatch.setenv("FASTKD_KERNELS", "auto")
+    with losses.eager_only():
+        assert os.environ["FASTKD_KERNELS"] == "eager"
+    assert os.environ["FASTKD_KERNELS"] == "auto"
+    monkeypatch.delenv("FASTKD_KERNELS")
+    with losses.eager_only():
+        pass
+    assert "FASTKD_KERNELS" not in os.environ

@@ -7,13 +7,13 @@ each program instance costs milliseconds there.
 """
 from __future__ import annotations
 
-import contextlib
-import os
 from typing import Callable
 
 import numpy as np
 import pytest
 import torch
+
+from fastkd.losses import eager_only
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -43,27 +43,13 @@ def run_with_grad(loss_fn: Callable, leaf: torch.Tensor, args: tuple,
     return loss.detach(), copy.grad
 
 
-@contextlib.contextmanager
-def eager_reference():
-    """Force `fastkd.losses` onto its eager path (on CUDA it would dispatch to the kernels)."""
-    previous = os.environ.get("FASTKD_KERNELS")
-    os.environ["FASTKD_KERNELS"] = "eager"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["FASTKD_KERNELS"]
-        else:
-            os.environ["FASTKD_KERNELS"] = previous
-
-
 def assert_matches_eager(fused: Callable, eager: Callable, leaf: torch.Tensor, args: tuple,
                          view: Callable = lambda x: x, dtype: torch.dtype | None = None):
     """Fused and eager agree on the loss and the gradient (per-dtype tolerances), and the
     fused result is finite wherever eager's is."""
     rtol, atol, grad_rtol, grad_atol = TOLERANCES[dtype or leaf.dtype]
     loss, grad = run_with_grad(fused, leaf, args, view)
-    with eager_reference():
+    with eager_only():
         expected_loss, expected_grad = run_with_grad(eager, leaf, args, view)
     assert loss.dtype == torch.float32 and loss.dim() == 0
     assert grad.dtype == leaf.dtype and grad.shape == leaf.shape
