@@ -60,8 +60,11 @@ def init_world(device_preference: str = "auto") -> World:
     """Join the process group when launched multi-process, and pick this process's device."""
     local_rank, rank, world_size = world_info_from_env()
     device_type = resolve_device_type(device_preference)
-    device = torch.device("cuda", local_rank) if device_type == "cuda" else torch.device("cpu")
+    device = torch.device("cpu")
     if device_type == "cuda":
+        # local_rank % count: schedulers that show each task only its own GPU (SLURM with
+        # --gpus-per-task=1) give every local rank a single visible device, cuda:0
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     if world_size <= 1:
         return World(device=device)

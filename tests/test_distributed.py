@@ -84,3 +84,17 @@ def test_two_process_gloo_training_agrees_across_ranks(tmp_path):
     from safetensors.torch import load_file
     exported = load_file(run_dir / "student.safetensors")
     assert all(torch.equal(exported[k], weights[0][k]) for k in exported)
+
+
+def test_each_task_with_one_visible_gpu_uses_it(monkeypatch):
+    """SLURM --gpus-per-task=1: local rank 3 sees one GPU, cuda:0, and must not ask for cuda:3."""
+    from fastkd.distributed import init_world
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    world = init_world("cuda")
+    assert world.device == torch.device("cuda", 0) and chosen == [world.device]
