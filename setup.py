@@ -13,7 +13,8 @@ setup(
     version=VERSION,
     description="Knowledge distillation for image classification: every method, fast",
     python_requires=">=3.10",
-    packages=["fastkd", "fastkd.distillers", "fastkd.kernels", "fastkd.pipelines", "fastkd.bench"],
+    packages=["fastkd", "fastkd.cache", "fastkd.distillers", "fastkd.kernels", "fastkd.pipelines",
+              "fastkd.bench"],
     package_dir={"fastkd": "fastkd", "fastkd.kernels": "kernels", "fastkd.pipelines": "pipelines",
                  "fastkd.bench": "bench"},
     install_requires=[

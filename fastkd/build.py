@@ -28,7 +28,7 @@ from fastkd.distillers.base import Distiller
 from fastkd.distributed import World, barrier
 from fastkd.models import (Teacher, create_student, create_teacher, load_state_dict_file,
                            model_data_config, model_family)
-from fastkd.pipelines import DataError, build_loader, load_index, replayable
+from fastkd.pipelines import DataError, build_loader, load_index
 from fastkd.pipelines.settings import resolve_image_settings
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -41,7 +41,7 @@ def amp_dtype(cfg: Config) -> torch.dtype | None:
 
 def check_runnable(cfg: Config) -> None:
     """Refuse, before any file is written, what cannot run: an unknown method or bad method
-    params, a method needing a teacher without one, a teacher cache (not implemented yet)."""
+    params, a method needing a teacher without one, a teacher cache that cannot serve the run."""
     if cfg.data.root is None or not Path(cfg.data.root).is_dir():
         raise ConfigError(f"data.root: {cfg.data.root!r} is not a directory (the ImageFolder "
                           f"root holding the {cfg.data.train_split}/ and {cfg.data.val_split}/ splits)")
@@ -58,11 +58,9 @@ def check_runnable(cfg: Config) -> None:
         raise ConfigError(f"distill.method '{cfg.distill.method}' needs a teacher: set teacher.name "
                           f"(and teacher.checkpoint)")
     if cfg.cache.dir is not None:
-        reason = "" if replayable(cfg.data) else (
-            "; besides, this data section has random augmentation beyond crop + flip "
-            "(RandAugment, color jitter, random erasing or mixup/cutmix), which no cache can replay")
-        raise ConfigError(f"cache.dir: teacher cache not implemented yet{reason}; "
-                          f"remove cache.dir to run the teacher online")
+        from fastkd.cache import check_cacheable, open_manifest
+        check_cacheable(cfg)
+        open_manifest(cfg)
 
 
 def _check_counts(cfg: Config) -> None:
@@ -249,12 +247,12 @@ def wrap_ddp(distiller: Distiller, world: World) -> nn.Module:
 
 
 def build_loader_for(cfg: Config, world: World, *, split: str, train: bool, model_cfg: dict,
-                     num_classes: int):
+                     num_classes: int, crop_cycle: int | None = None):
     return build_loader(cfg.data, split=split, train=train, batch_size=cfg.train.batch_size,
                         model_cfg=model_cfg, seed=cfg.train.seed, rank=world.rank,
                         world_size=world.world_size, device=world.device,
                         amp_dtype=amp_dtype(cfg), channels_last=cfg.train.channels_last,
-                        num_classes=num_classes)
+                        num_classes=num_classes, crop_cycle=crop_cycle)
 
 
 def student_info(cfg: Config, student: nn.Module, num_classes: int, classes) -> dict:
@@ -308,13 +306,23 @@ def build_training(cfg: Config, world: World) -> TrainingSetup:
     num_classes = count_classes(cfg)
     student = build_student(cfg, num_classes)
     model_cfg = model_data_config(student)
+    manifest = None
+    if cfg.cache.dir is not None and method.needs.teacher:
+        from fastkd.cache import open_manifest
+        manifest = open_manifest(cfg)
     train_loader = build_loader_for(cfg, world, split=cfg.data.train_split, train=True,
-                                    model_cfg=model_cfg, num_classes=num_classes)
+                                    model_cfg=model_cfg, num_classes=num_classes,
+                                    crop_cycle=manifest["epochs"] if manifest else None)
     val_loader = build_loader_for(cfg, world, split=cfg.data.val_split, train=False,
                                   model_cfg=model_cfg, num_classes=num_classes)
     info = student_info(cfg, student, num_classes, getattr(train_loader, "classes", None))
     teacher = None
-    if method.needs.teacher:
+    if manifest is not None:   # the teacher cache replaces the teacher network
+        from fastkd.cache import cached_teacher
+        teacher, train_loader = cached_teacher(cfg, manifest, train_loader,
+                                               resolve_image_settings(cfg.data, model_cfg),
+                                               num_classes, device)
+    elif method.needs.teacher:
         teacher = build_teacher(cfg, num_classes, student_mean_std=(info["mean"], info["std"]),
                                 device=device)
     elif cfg.teacher.name is not None:

@@ -7,6 +7,7 @@ the engine (or another module's `main(argv)`); no training logic lives here.
     fastkd export RUN_DIR [--ema] [--checkpoint last|best|PATH]
     fastkd methods
     fastkd data check ROOT [...]
+    fastkd cache build|verify|info [...]
     fastkd bench loader|kernels [...]
     fastkd demo [...]
 
@@ -29,11 +30,13 @@ BENCHES = ("loader", "kernels")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from fastkd.cache import CacheError
     from fastkd.config import ConfigError
     from fastkd.distillers import UnsupportedPair
     from fastkd.pipelines import DataError
     from fastkd.weight_files import WeightFileError   # includes TeacherHeadMismatch
-    return ConfigError, UnsupportedPair, WeightFileError, DataError, FileNotFoundError
+    return (ConfigError, CacheError, UnsupportedPair, WeightFileError, DataError,
+            FileNotFoundError)
 
 
 def _run_stopped() -> tuple[type[BaseException], ...]:
@@ -167,10 +170,17 @@ def run_demo(argv: list[str]) -> int:
     return EXIT_FAILED if demo_main is None else demo_main(argv) or 0
 
 
+def run_cache(argv: list[str]) -> int:
+    from fastkd.cache.tools import main as cache_main
+    return cache_main(argv)
+
+
 def _passthrough(argv: list[str]):
     """Verbs whose arguments (including --help) belong to another module's own parser."""
     if argv[:2] == ["data", "check"]:
         return lambda: run_data_check(argv[2:])
+    if argv[:1] == ["cache"]:
+        return lambda: run_cache(argv[1:])
     if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHES:
         return lambda: run_bench(argv[1], argv[2:])
     if argv[:1] == ["demo"]:
@@ -215,11 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     methods = verbs.add_parser("methods", help="list the distillation methods and their needs")
     methods.set_defaults(handler=cmd_methods)
 
-    # The three verbs below hand their arguments to another module's parser (`_passthrough`);
+    # The verbs below hand their arguments to another module's parser (`_passthrough`);
     # these entries only document them and reject what no module would take.
     data = verbs.add_parser("data", help="data tools: `fastkd data check ROOT [...]`",
                             description="`fastkd data check ROOT --help` lists the checker's options.")
     data.add_argument("tool", choices=["check"])
+    verbs.add_parser("cache", help="the teacher cache: `fastkd cache build|verify|info [...]`",
+                     description="`fastkd cache --help` lists its verbs and options.")
     bench = verbs.add_parser("bench", help="throughput scenarios: `fastkd bench loader|kernels [...]`",
                              description="`fastkd bench SCENARIO --help` lists its options.")
     bench.add_argument("scenario", choices=BENCHES)

@@ -128,8 +128,13 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    dir: str | None = None                   # teacher cache directory (not implemented yet)
-    topk: int = 0
+    """The teacher cache (`fastkd cache build`); training replays it when `dir` is set."""
+    dir: str | None = None                   # cache directory; None: the teacher runs online
+    topk: int = 10                           # logits kept per sample (0: all, in `dtype`)
+    dtype: Literal["fp16", "fp32"] = "fp16"  # full logits (topk: 0); top-k values are fp16
+    epochs: int | None = None                # planned epochs stored; None: train.epochs
+    shard_size: int = 8192                   # samples per file (one file per epoch and shard)
+    batch_size: int | None = None            # precompute batch; None: largest that fits (GPU)
 
 
 @dataclass(frozen=True)

@@ -53,11 +53,14 @@ def build_loader(data, *, split: str, train: bool, batch_size: int, model_cfg: d
                  seed: int, rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
                  channels_last: bool = False, num_classes: int | None = None,
-                 index_dir: str | None = None):
+                 index_dir: str | None = None, crop_cycle: int | None = None, plan=None):
     """A loader over `data.root/split` for this rank: iterate it after `set_epoch(epoch)`.
 
     Train loaders shuffle with a (seed, epoch) permutation and crop with `CropPlan(seed)`;
     eval loaders keep the dataset order, never drop samples, and pad ranks with index -1.
+    `crop_cycle` = E replays the crops of epochs 1..E (a teacher cache of E epochs); `plan`
+    replaces the sample plan (anything with `ShardPlan`'s `batches`, `len`, `batch_size`,
+    `seed` and `rank`: the teacher cache's precompute walks its own shards).
     """
     device = torch.device(device)
     index = load_index(data.root, split, index_dir=index_dir, workers=max(4, data.num_workers))
@@ -68,9 +71,10 @@ def build_loader(data, *, split: str, train: bool, batch_size: int, model_cfg: d
         raise DataError(f"label {int(index.labels.max())} in {data.root}/{split} is out of range "
                         f"for {num_classes} classes")
     settings = resolve_image_settings(data, model_cfg)
-    plan = ShardPlan(len(index), batch_size, seed=seed, shuffle=train, rank=rank,
-                     world_size=world_size, drop_last=train and data.drop_last)
-    crop_plan = CropPlan(seed, data.scale, data.ratio, data.hflip) if train else None
+    if plan is None:
+        plan = ShardPlan(len(index), batch_size, seed=seed, shuffle=train, rank=rank,
+                         world_size=world_size, drop_last=train and data.drop_last)
+    crop_plan = CropPlan(seed, data.scale, data.ratio, data.hflip, crop_cycle) if train else None
     finisher = BatchFinisher(data, train=train, seed=seed, rank=rank, world_size=world_size,
                              amp_dtype=amp_dtype, channels_last=channels_last,
                              num_classes=num_classes, device=device)

@@ -35,20 +35,30 @@ class CropPlan:
     """Replayable RandomResizedCrop + horizontal flip (torchvision semantics)."""
 
     def __init__(self, seed: int, scale: tuple[float, float] = (0.08, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5):
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5,
+                 cycle: int | None = None):
         if not (0 < scale[0] <= scale[1]) or not (0 < ratio[0] <= ratio[1]):
             raise ValueError(f"bad RandomResizedCrop ranges: scale={scale}, ratio={ratio}")
+        if cycle is not None and cycle < 1:
+            raise ValueError(f"cycle must be at least 1, got {cycle}")
         self.seed = int(seed)
         self.scale = (float(scale[0]), float(scale[1]))
         self.ratio = (float(ratio[0]), float(ratio[1]))
         self.hflip = float(hflip)
+        self.cycle = cycle
 
     def __repr__(self) -> str:
         return (f"CropPlan(seed={self.seed}, scale={self.scale}, ratio={self.ratio}, "
-                f"hflip={self.hflip})")
+                f"hflip={self.hflip}, cycle={self.cycle})")
+
+    def planned_epoch(self, epoch: int) -> int:
+        """The epoch whose windows `epoch` replays: itself, or with `cycle` = E (a teacher cache
+        of E planned epochs) epochs 1..E again and again, (epoch − 1) mod E + 1."""
+        return epoch if self.cycle is None else (epoch - 1) % self.cycle + 1
 
     def windows(self, epoch: int, indices, heights, widths) -> CropWindows:
         """Crop windows for samples `indices` whose images are `heights` x `widths`."""
+        epoch = self.planned_epoch(epoch)
         indices = np.atleast_1d(np.asarray(indices, dtype=np.int64))
         H = np.atleast_1d(np.asarray(heights, dtype=np.int64))
         W = np.atleast_1d(np.asarray(widths, dtype=np.int64))

@@ -86,6 +86,12 @@ class Distiller(nn.Module):
         return common_input_size(self.student, self.teacher.model if self.teacher else self.student)
 
     @classmethod
+    def needs_for(cls, params) -> Needs:
+        """What the method reads with these parameters (the teacher cache stores exactly
+        that); the class's `needs` unless a parameter changes it (FitNet's stages)."""
+        return cls.needs
+
+    @classmethod
     def check_pair(cls, student_family: str, teacher_family: str | None) -> None:
         """Raise UnsupportedPair when this method cannot serve the pairing."""
         if cls.student_families is not None and student_family not in cls.student_families:

@@ -47,13 +47,18 @@ class FitNet(Distiller):
                   teacher_stages=(1, 2, 3, 4), cacheable=True)
     Params = FitNetParams
 
+    @classmethod
+    def needs_for(cls, params) -> Needs:
+        stages = tuple(params.stages)
+        return Needs(teacher=True, teacher_logits=params.kd_weight != 0, student_stages=stages,
+                     teacher_stages=stages, cacheable=True)
+
     def __init__(self, student, teacher, params, **kwargs):
         super().__init__(student, teacher, params, **kwargs)
         stages = tuple(params.stages)
         if not stages or not set(stages) <= {1, 2, 3, 4} or len(set(stages)) != len(stages):
             raise ValueError(f"fitnet: stages must be distinct values among 1..4, got {stages}")
-        self.needs = Needs(teacher=True, teacher_logits=params.kd_weight != 0,
-                           student_stages=stages, teacher_stages=stages, cacheable=True)
+        self.needs = self.needs_for(params)
         size = self.probe_size()
         info_s, info_t = stage_info(student, size), stage_info(teacher.model, size)
         # OFAKD's CNN FitNet conv has no bias; PAT's token aligners (Linear, PatchEmbed) do.

@@ -55,8 +55,10 @@ class UFD(Distiller):
     """
     name = "ufd"
     paper = "Unified Frequency Decoupling Knowledge Distillation for Computer Vision (lusilili/UFD-KD)"
+    # Not cacheable: the target is the teacher's own final norm applied to its stage-4 map
+    # (`FinalNorm`), which needs the teacher's weights at every step.
     needs = Needs(teacher=True, teacher_logits=True, student_stages=(4,), teacher_stages=(4,),
-                  cacheable=True)
+                  cacheable=False)
     Params = UFDParams
 
     def __init__(self, student, teacher, params, **kwargs):
