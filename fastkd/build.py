@@ -287,6 +287,7 @@ class TrainingSetup:
     lr: float
     lr_rule: str
     student_info: dict = field(default_factory=dict)
+    teacher_source: str = "online"   # or where the teacher cache it replays lives
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -316,12 +317,13 @@ def build_training(cfg: Config, world: World) -> TrainingSetup:
     val_loader = build_loader_for(cfg, world, split=cfg.data.val_split, train=False,
                                   model_cfg=model_cfg, num_classes=num_classes)
     info = student_info(cfg, student, num_classes, getattr(train_loader, "classes", None))
-    teacher = None
+    teacher, teacher_source = None, "online"
     if manifest is not None:   # the teacher cache replaces the teacher network
         from fastkd.cache import cached_teacher
         teacher, train_loader = cached_teacher(cfg, manifest, train_loader,
                                                resolve_image_settings(cfg.data, model_cfg),
                                                num_classes, device)
+        teacher_source = teacher.describe()
     elif method.needs.teacher:
         teacher = build_teacher(cfg, num_classes, student_mean_std=(info["mean"], info["std"]),
                                 device=device)
@@ -350,7 +352,7 @@ def build_training(cfg: Config, world: World) -> TrainingSetup:
                          model=wrap_ddp(distiller, world), teacher=teacher, optimizer=optimizer,
                          scheduler=scheduler, scaler=scaler, ema=ema, train_loader=train_loader,
                          val_loader=val_loader, steps_per_epoch=steps, lr=lr, lr_rule=lr_rule,
-                         student_info=info)
+                         student_info=info, teacher_source=teacher_source)
 
 
 def build_evaluation(cfg: Config, world: World, checkpoint: str | Path | None = None

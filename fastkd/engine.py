@@ -88,6 +88,8 @@ def start_state(setup: TrainingSetup, run_dir: RunDir, checkpoint: dict | None) 
     env = environment_record(device=world.device, world_size=world.world_size,
                              global_batch=cfg.train.batch_size * world.world_size, lr=setup.lr,
                              lr_rule=setup.lr_rule, loader=setup.train_loader.kind)
+    if setup.teacher is not None:
+        env["teacher"] = {"name": cfg.teacher.name, "source": setup.teacher_source}
     run_dir.write_env(env, resumed_at=None if checkpoint is None else
                       {"epoch": position.epoch, "batch": position.batch})
     if cfg.output.tensorboard:
@@ -96,12 +98,15 @@ def start_state(setup: TrainingSetup, run_dir: RunDir, checkpoint: dict | None) 
         setup.scheduler.step(position.epoch - 1)
         setup.scheduler.step_update(num_updates=position.global_step)
     student = sum(p.numel() for p in setup.distiller.student.parameters())
+    teacher = "-" if setup.teacher is None else cfg.teacher.name
+    if setup.teacher is not None and setup.teacher_source != "online":
+        teacher += f" from the {setup.teacher_source}"
     where = ("from scratch" if checkpoint is None
              else f"resumed at epoch {position.epoch}, batch {position.batch}")
     run_dir.log(f"run {run_dir.path} ({where}): {cfg.distill.method}, student {cfg.model.name} "
                 f"({student / 1e6:.2f}M params, method parts "
                 f"{setup.distiller.extra_parameter_count() / 1e6:.2f}M), teacher "
-                f"{cfg.teacher.name if setup.teacher is not None else '-'}; {world.world_size} "
+                f"{teacher}; {world.world_size} "
                 f"process(es) on {world.device}, global batch {cfg.train.batch_size * world.world_size}, "
                 f"{setup.steps_per_epoch} steps/epoch, {setup.train_loader.kind} loader; "
                 f"lr {setup.lr_rule}")
