@@ -2,10 +2,11 @@
 
 scikit-learn ships 1,797 real handwritten digits (8×8 grey scans, 10 classes). The demo writes
 them as an ImageFolder of 32×32 JPEGs with a fixed stratified train/val split, trains a CNN
-teacher, then trains a student of another family (a small ViT) alone and with KD, and prints
-what it measured: teacher top-1, student alone, student with KD and the img/s of each run.
-The three runs are ordinary `fastkd train` runs of `configs/demo/*.yaml`; their run
-directories are kept under the output folder.
+teacher, then trains a student of another family (a small ViT) alone, with KD, and with KD
+from a teacher cache (the teacher's outputs on every planned view precomputed once, then
+replayed: no teacher forward in the training step), and prints what it measured: top-1, the
+img/s of each run and the one-off precompute time. The runs are ordinary `fastkd train` runs of
+`configs/demo/*.yaml`; their run directories and the cache are kept under the output folder.
 """
 from __future__ import annotations
 
@@ -54,16 +55,30 @@ def run_step(config_name: str, overrides: list[str]):
     return train(cfg)
 
 
-def format_table(rows: list[tuple[str, str, float, float, float]]) -> str:
-    lines = ["| run | model | top-1 (%) | img/s (train) | wall (s) |", "|---|---|---|---|---|"]
-    lines += [f"| {name} | {model} | {top1:.2f} | {ips:.0f} | {wall:.0f} |"
-              for name, model, top1, ips, wall in rows]
+def build_teacher_cache(config_name: str, overrides: list[str]) -> float:
+    """`fastkd cache build` for a demo config; returns its wall time in seconds."""
+    from fastkd.cache import build_cache
+    from fastkd.config import load_config
+
+    start = time.perf_counter()
+    build_cache(load_config(CONFIG_DIR / config_name, overrides))
+    return time.perf_counter() - start
+
+
+def format_table(rows: list[tuple]) -> str:
+    """Rows of (run, model, top-1, img/s, wall s[, precompute s])."""
+    lines = ["| run | model | top-1 (%) | img/s (train) | wall (s) | teacher precompute (s) |",
+             "|---|---|---|---|---|---|"]
+    for name, model, top1, ips, wall, *precompute in rows:
+        once = f"{precompute[0]:.0f}" if precompute else "—"
+        lines.append(f"| {name} | {model} | {top1:.2f} | {ips:.0f} | {wall:.0f} | {once} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastkd demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/demo", help="folder for the data and the three runs")
+    parser.add_argument("--out", default="runs/demo",
+                        help="folder for the data, the teacher cache and the four runs")
     parser.add_argument("--epochs-scale", type=float, default=1.0,
                         help="multiply every run's epochs (e.g. 0.25 for a quick look)")
     args = parser.parse_args(argv)
@@ -77,21 +92,27 @@ def main(argv: list[str] | None = None) -> int:
         return [f"train.epochs={max(1, round(base * args.epochs_scale))}"]
 
     rows = []
-    steps = [("teacher (CNN)", "teacher.yaml", []),
-             ("student alone (ViT, 4 blocks × 96)", "student.yaml", []),
-             ("student + KD (same ViT ← CNN teacher)", "student_kd.yaml", None)]
-    teacher_weights = None
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    for label, config_name, extra in steps:
-        if extra is None:  # the KD run reads the teacher trained in the first step
-            extra = [f"teacher.checkpoint={teacher_weights}"]
+    cache = f"cache.dir={out / f'teacher-cache-{stamp}'}"
+    steps = [("teacher (CNN)", "teacher.yaml", [], "teacher"),
+             ("student alone (ViT, 4 blocks × 96)", "student.yaml", [], "student"),
+             ("student + KD (same ViT ← CNN teacher)", "student_kd.yaml", None, "student_kd"),
+             ("student + KD from the teacher cache", "student_kd.yaml", [cache],
+              "student_kd_cached")]
+    teacher_weights = None
+    for label, config_name, extra, run_name in steps:
+        extra = list(extra or []) + ([f"teacher.checkpoint={teacher_weights}"]
+                                     if config_name == "student_kd.yaml" else [])
+        overrides = common + epochs(config_name) + extra
+        precompute = [build_teacher_cache(config_name, overrides)] if cache in extra else []
         start = time.perf_counter()
-        name = f"output.name={Path(config_name).stem}-{stamp}"  # a rerun never meets an old run
-        result = run_step(config_name, common + epochs(config_name) + extra + [name])
+        name = f"output.name={run_name}-{stamp}"  # a rerun never meets an old run
+        result = run_step(config_name, overrides + [name])
         wall = time.perf_counter() - start
         if teacher_weights is None:
             teacher_weights = Path(result.run_dir) / "student.safetensors"
-        rows.append((label, result.model_name, result.final_top1, result.img_per_sec, wall))
+        rows.append((label, result.model_name, result.final_top1, result.img_per_sec, wall,
+                     *precompute))
         print(f"[demo] {label}: top-1 {result.final_top1:.2f}% ({wall:.0f} s)", flush=True)
     print("\nfastkd demo — sklearn digits (1,797 real 8×8 scans → 32×32 JPEG), "
           f"{int((1 - VAL_FRACTION) * 100)}/{int(VAL_FRACTION * 100)} split, final-epoch top-1 on val\n")

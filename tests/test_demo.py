@@ -31,17 +31,21 @@ def test_digits_imagefolder_is_complete_stratified_and_reused(tmp_path):
 
 def test_table_lists_every_run():
     table = format_table([("teacher", "resnet18", 99.2, 400.0, 40.0),
-                          ("student", "vit", 60.0, 500.0, 50.0)])
-    assert table.splitlines()[2] == "| teacher | resnet18 | 99.20 | 400 | 40 |"
-    assert len(table.splitlines()) == 4
+                          ("student", "vit", 60.0, 500.0, 50.0),
+                          ("cached", "vit", 61.0, 900.0, 30.0, 12.0)])
+    assert table.splitlines()[2] == "| teacher | resnet18 | 99.20 | 400 | 40 | — |"
+    assert table.splitlines()[4] == "| cached | vit | 61.00 | 900 | 30 | 12 |"
+    assert len(table.splitlines()) == 5
 
 
 def test_demo_runs_end_to_end_and_can_run_again(tmp_path, capsys):
-    """The whole `fastkd demo` at one epoch per run (the real one trains 8/40/40 epochs)."""
+    """The whole `fastkd demo` at one epoch per run (the real one trains 8/40/40/40 epochs)."""
     from fastkd.demo import main
     args = ["--out", str(tmp_path), "--epochs-scale", "0.01"]
     assert main(args) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    assert [row.split("|")[1].strip().split(" ")[0] for row in rows[1:]] == ["teacher", "student", "student"]
-    assert "KD" in rows[3]
+    assert [row.split("|")[1].strip().split(" ")[0] for row in rows[1:]] == [
+        "teacher", "student", "student", "student"]
+    assert "KD" in rows[3] and "teacher cache" in rows[4]
+    assert rows[4].split("|")[6].strip().isdigit()      # the one-off precompute time
     assert main(args) == 0          # a second demo in the same folder starts new runs
