@@ -172,11 +172,15 @@ def test_nonfinite_skips_reset_by_a_finite_step(tmp_path, data_dir, flaky, monke
 # ------------------------------------------------------------------------------ start-up errors
 
 
-def test_teacher_cache_is_refused_before_any_work(tmp_path, data_dir):
-    with pytest.raises(ConfigError, match="teacher cache not implemented yet"):
+def test_a_teacher_cache_that_cannot_serve_is_refused_before_any_work(tmp_path, data_dir):
+    from fastkd.cache import CacheError
+    kd = {"distill": {"method": "kd"}, "teacher": {"name": "test_vit", "kwargs": {"img_size": 32}}}
+    with pytest.raises(ConfigError, match="uses no teacher"):
         run(tmp_path, cache={"dir": str(tmp_path / "cache")})
-    with pytest.raises(ConfigError, match="mixup"):
-        run(tmp_path, cache={"dir": str(tmp_path / "cache")}, data={"mixup": 0.8})
+    with pytest.raises(ConfigError, match="data.mixup"):
+        run(tmp_path, cache={"dir": str(tmp_path / "cache")}, data={"mixup": 0.8}, **kd)
+    with pytest.raises(CacheError, match="no teacher cache"):
+        run(tmp_path, cache={"dir": str(tmp_path / "cache")}, **kd)
     assert not (tmp_path / "runs").exists()
 
 
