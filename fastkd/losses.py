@@ -300,15 +300,18 @@ def dist_loss(student_logits: Tensor, teacher_logits: Tensor | TopKLogits, beta:
 
 
 def bkd_loss(student_logits: Tensor, teacher_logits: Tensor | TopKLogits) -> Tensor:
-    """Binary KD (methods.md §1.6): BCE-with-logits of z_s against σ(z_t), element mean over B×K.
+    """Binary KD: BCE-with-logits of z_s against the teacher's softmax p_t = softmax(z_t) (over
+    classes, not a per-class sigmoid), element mean over B×K; no temperature.
 
-    Reproduces OFAKD `BKD` (no temperature). ±inf student logits are clamped to ±1e30, where
-    torch's BCE-with-logits would give `0·inf = NaN` for a term whose true value is 0.
-    The teacher may be a `TopKLogits` (σ of the rebuilt logits, tail classes included).
+    Reproduces OFAKD `BKD` (Hao840/OFAKD `distillers/kd.py`, `BKD.forward`:
+    `binary_cross_entropy_with_logits(logits_student, logits_teacher.softmax(1))`). ±inf student
+    logits are clamped to ±1e30, where torch's BCE-with-logits would give `0·inf = NaN` for a
+    term whose true value is 0. The teacher may be a `TopKLogits` (softmax of the rebuilt
+    logits, tail classes included).
     """
     teacher = _teacher_logits(teacher_logits, student_logits.shape[1])
     student = student_logits.float().clamp(-_LOGIT_CEILING, _LOGIT_CEILING)
-    return F.binary_cross_entropy_with_logits(student, torch.sigmoid(teacher.float()))
+    return F.binary_cross_entropy_with_logits(student, _log_softmax(teacher).exp())
 
 
 # --------------------------------------------------------------------------------------------

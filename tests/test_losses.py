@@ -134,8 +134,10 @@ def ref_dist(zs, zt, beta, gamma, tau):
 
 
 def ref_bkd(zs, zt):
-    """−[t log σ(x) + (1 − t) log(1 − σ(x))], t = σ(z_t), element mean."""
-    t, p = torch.sigmoid(zt), torch.sigmoid(zs)
+    """−[t log σ(x) + (1 − t) log(1 − σ(x))] with t = softmax(z_t) over the classes, element
+    mean: Hao840/OFAKD `distillers/kd.py` line 47 (`BKD.forward`),
+    `F.binary_cross_entropy_with_logits(logits_student, logits_teacher.softmax(1))`."""
+    t, p = F.softmax(zt, 1), torch.sigmoid(zs)
     return -(t * torch.log(p) + (1 - t) * torch.log(1 - p)).mean()
 
 
