@@ -128,11 +128,13 @@ def build_teacher(cfg: Config, num_classes: int, *, student_mean_std, device: to
 
 
 def build_distiller(cfg: Config, student: nn.Module, teacher: Teacher | None, num_classes: int,
-                    *, input_size: tuple[int, int, int], num_samples: int) -> Distiller:
+                    *, input_size: tuple[int, int, int], num_samples: int,
+                    sample_labels=None) -> Distiller:
     """The method around the student; `UnsupportedPair` for a pairing it cannot serve.
 
     Projectors are shaped at the training `input_size`. A method that reads dataset indices
-    (CRD's memory bank) gets the training-set size as `num_samples` unless the config sets it.
+    (CRD's memory bank) gets the training-set size as `num_samples` unless the config sets it,
+    and the training labels by dataset index as `sample_labels` (CRD's class-aware negatives).
     """
     method = get_distiller_class(cfg.distill.method)
     params = dict(cfg.distill.params)
@@ -140,7 +142,8 @@ def build_distiller(cfg: Config, student: nn.Module, teacher: Teacher | None, nu
         params.setdefault("num_samples", num_samples)
     params = build_params(cfg.distill.method, params)
     method.check_pair(model_family(student), teacher.family if teacher is not None else None)
-    return method(student, teacher, params, num_classes=num_classes,
+    by_index = {"sample_labels": sample_labels} if method.needs.indices else {}
+    return method(student, teacher, params, num_classes=num_classes, **by_index,
                   gt_weight=cfg.distill.gt_weight, label_smoothing=cfg.data.label_smoothing,
                   input_size=input_size)
 
@@ -322,7 +325,8 @@ def build_training(cfg: Config, world: World) -> TrainingSetup:
                       f"'{cfg.teacher.name}' is ignored", stacklevel=2)
     distiller = build_distiller(cfg, student, teacher, num_classes,
                                 input_size=tuple(info["input_size"]),
-                                num_samples=train_loader.num_samples).to(device)
+                                num_samples=train_loader.num_samples,
+                                sample_labels=train_loader.index.labels).to(device)
     if cfg.train.channels_last:
         distiller.to(memory_format=torch.channels_last)
     steps = len(train_loader)
