@@ -8,7 +8,9 @@ Two methods need more of the teacher than its outputs:
   teacher forward (`StageEntries.prompted`).
 
 Everything is found by introspection, never from tables of model names:
-* stage modules come from `feature_info` (via `fastkd.models.stage_info`);
+* stage modules come from `feature_info` (via `fastkd.models.stage_info`), stage 4 from the
+  module that produces the final features when a head convolution follows the last stage
+  (EfficientNet, MobileNetV2: `bn2` after `conv_head`);
 * the modules that run between two stages are read off the module tree, timm's containers
   running their children in registration order (`blocks.9 → blocks.10, blocks.11`,
   `layer3 → layer4`, `layers.2 → layers.3`);
@@ -29,7 +31,7 @@ from typing import Callable, Iterator, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from fastkd.models import STAGES, num_prefix_tokens, stage_info, stage_module
+from fastkd.models import STAGES, forward_stages, num_prefix_tokens, stage_info, stage_module
 
 Layout = Literal["nchw", "nhwc", "tokens"]
 # A prompt: (stage input as a B×C×H×W grid) → grid of the same shape.
@@ -94,14 +96,12 @@ def _probe(model: nn.Module, input_size: Sequence[int], input_of: Sequence[str] 
     try:
         with torch.no_grad():
             # timm's forward_intermediates returns forward_features' output as its final value
-            final, maps = model.forward_intermediates(
-                image, indices=[info[s].index for s in STAGES], output_fmt="NCHW")
+            final, taps, _ = forward_stages(model, image, STAGES)
     finally:
         for handle in handles:
             handle.remove()
         for module, training in modes:
             module.training = training
-    taps = dict(zip(STAGES, maps))
     return _Probe(taps, outputs, inputs, final, _layout(model, outputs[1], taps[1]))
 
 

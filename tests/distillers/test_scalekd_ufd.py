@@ -60,10 +60,28 @@ def test_ufd_two_training_steps(student_family, teacher_family):
 def test_teacher_without_a_runnable_tail_is_unsupported(method):
     student = tiny_model("cnn", seed=1)
     torch.manual_seed(2)
-    efficientnet = timm.create_model("test_efficientnet", num_classes=NUM_CLASSES)
-    teacher = Teacher(efficientnet.eval().requires_grad_(False), amp_dtype=None)
+    model = timm.create_model("test_resnet", num_classes=NUM_CLASSES).eval().requires_grad_(False)
+    intermediates = model.forward_intermediates
+
+    def blurred(*args, **kwargs):   # final features a 3×3 average of stage 4: no tail gives them
+        out = intermediates(*args, **kwargs)
+        if kwargs.get("intermediates_only"):
+            return out
+        return torch.nn.functional.avg_pool2d(out[0], 3, 1, 1), out[1]
+    model.forward_intermediates = blurred
     with pytest.raises(UnsupportedPair, match=method):
-        build(method, student, teacher)
+        build(method, student, Teacher(model, amp_dtype=None))
+
+
+@pytest.mark.parametrize("method", ["scalekd", "ufd"])
+def test_head_conv_teacher_is_served_after_conv_head(method):
+    """An EfficientNet teacher's stage 4 is the map after `conv_head` + `bn2` (OFA-KD's), so
+    its tail runs and both methods train on it."""
+    torch.manual_seed(2)
+    model = timm.create_model("test_efficientnet", num_classes=NUM_CLASSES)
+    teacher = Teacher(model.eval().requires_grad_(False), amp_dtype=None)
+    assert teacher.info[4].channels == model.num_features
+    assert "loss_gt" in two_training_steps(build(method, tiny_model("cnn", seed=1), teacher))
 
 
 # ------------------------------------------------------------------------- ScaleKD formulas
