@@ -134,6 +134,25 @@ def test_scalekd_swin_s_weights_build_no_unused_projector():
     assert set(terms) == {"loss_gt", "loss_s3", "loss_s3_alt", "loss_s4"}
 
 
+@pytest.mark.parametrize("embed_dim, heads", [
+    (96, (3, 6)),       # Swin-S: swin-s_distill_res50_img_s3_s4.py num_heads=3 / num_heads=6
+    (128, (8, 16)),     # Swin-B: swin-b_distill_res50_img_s3_s4.py num_heads=8 / num_heads=16
+    (192, (16, 24)),    # Swin-L: swin-l_distill_res50_img_s3_s4.py num_heads=16 / num_heads=24
+])
+def test_scalekd_default_heads_are_the_official_configs(embed_dim, heads):
+    """deep-optimization/ScaleKD configs/distillers/traditional_traning_strategy/
+    swin-{s,b,l}_distill_res50_img_s3_s4.py: `num_heads` of `loss_fmd_s3` (teacher_dims 384,
+    512, 768) and `loss_fmd_s4` (768, 1024, 1536). A Swin teacher of the same widths (a
+    one-block-per-stage copy at 64 px) gets those heads by default."""
+    torch.manual_seed(0)
+    swin = timm.create_model("swin_tiny_patch4_window7_224", embed_dim=embed_dim,
+                             depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), window_size=2,
+                             img_size=IMG, num_classes=NUM_CLASSES)
+    teacher = Teacher(swin.eval().requires_grad_(False), amp_dtype=None)
+    distiller = build("scalekd", tiny_model("cnn", seed=1), teacher)
+    assert (distiller.stage3["direct"].num_heads, distiller.stage4["direct"].num_heads) == heads
+
+
 def test_scalekd_defaults_are_the_swin_b_config():
     p = build_params("scalekd", {})
     assert (p.stage3_weights, p.stage4_weights, p.softmax_scale, p.kd_weight, p.temperature) == (
