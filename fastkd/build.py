@@ -123,7 +123,7 @@ def build_teacher(cfg: Config, num_classes: int, *, student_mean_std, device: to
                            pretrained=cfg.teacher.pretrained, use_ema=cfg.teacher.use_ema,
                            **cfg.teacher.kwargs)
     teacher = Teacher(model, amp_dtype=amp_dtype(cfg), student_mean_std=student_mean_std,
-                      channels_last=cfg.train.channels_last)
+                      channels_last=cfg.train.channels_last, train_mode=cfg.teacher.train_mode)
     return teacher.to(device)
 
 

@@ -67,17 +67,18 @@ def create_teacher(name: str, num_classes: int, *, checkpoint: str | Path | None
     return freeze(model)
 
 
-def freeze(model: nn.Module) -> nn.Module:
-    """No gradients for the weights, eval mode, and a `train()` that keeps eval mode, so that
-    no trainer (nor a parent module's `train()`) can turn on dropout or BN statistic updates."""
+def freeze(model: nn.Module, train_mode: bool = False) -> nn.Module:
+    """No gradients for the weights, eval mode (train mode with `train_mode`), and a `train()`
+    that keeps that mode, so that no trainer (nor a parent module's `train()`) can switch
+    dropout or BN statistic updates on or off."""
     model.requires_grad_(False)
-    model.eval()
-    model.train = types.MethodType(_stay_in_eval, model)
-    return model
+    model._fastkd_frozen_mode = train_mode
+    model.train = types.MethodType(_stay_in_frozen_mode, model)
+    return model.train()
 
 
-def _stay_in_eval(self: nn.Module, mode: bool = True) -> nn.Module:
-    return nn.Module.train(self, False)
+def _stay_in_frozen_mode(self: nn.Module, mode: bool = True) -> nn.Module:
+    return nn.Module.train(self, self._fastkd_frozen_mode)
 
 
 def _check_one_weight_source(checkpoint, pretrained: bool) -> None:
@@ -373,12 +374,20 @@ class Teacher:
     features come back in fp32 so losses see one dtype; stage maps stay in the compute dtype
     (they are large; losses upcast). If the student's normalisation (`student_mean_std`)
     differs from the teacher's pretrained config, inputs are re-normalised first.
+
+    `train_mode=True` runs the frozen teacher in train mode throughout (BatchNorm on batch
+    statistics, dropout and drop-path active, still no gradients for its weights), as the
+    mmcls/mmengine-based repositories do: their distiller calls `teacher.eval()` once, and the
+    runner's `model.train()` at every epoch turns the teacher back to train mode
+    (deep-optimization/ScaleKD and lusilili/UFD-KD `mmcls/models/classifiers/distiller.py`,
+    yzd-v/cls_KD `mmcls/distillation/distillers/classification_distiller.py`).
     """
 
     def __init__(self, model: nn.Module, *, amp_dtype: torch.dtype | None,
                  student_mean_std: tuple[Sequence[float], Sequence[float]] | None = None,
-                 channels_last: bool = False):
-        self.model = freeze(model)
+                 channels_last: bool = False, train_mode: bool = False):
+        self.model = freeze(model, train_mode)
+        self.train_mode = train_mode
         self.amp_dtype = None if amp_dtype == torch.float32 else amp_dtype
         self.channels_last = channels_last
         self.family: Family = model_family(model)
@@ -399,8 +408,9 @@ class Teacher:
         return self
 
     def train(self, mode: bool = True) -> Teacher:
-        """Stays in eval mode whatever `mode` says (BN statistics and dropout stay off)."""
-        self.model.eval()
+        """Keeps the teacher's own mode whatever `mode` says: eval (BN statistics and dropout
+        off), or train throughout with `train_mode=True`."""
+        self.model.train()
         return self
 
     def eval(self) -> Teacher:

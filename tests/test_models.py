@@ -198,6 +198,31 @@ def test_teacher_is_frozen_and_stays_in_eval():
     assert not any(m.training for m in teacher.model.modules())
 
 
+def test_teacher_train_mode_runs_like_the_mmcls_runners_teacher():
+    """ScaleKD/UFD-KD `mmcls/models/classifiers/distiller.py` (`ClassificationDistiller.
+    __init__`: `self.teacher.eval()` once) and cls_KD's `classification_distiller.py` keep the
+    teacher as a submodule, and the runner's `model.train()` at each epoch sets it back to
+    train mode: BatchNorm normalises with the batch's statistics (and updates its running
+    ones) under no_grad. `teacher.train_mode: true` runs it that way, whatever calls train()."""
+    torch.manual_seed(0)
+    teacher = make_teacher(train_mode=True)
+    reference = copy.deepcopy(teacher.model)
+    nn.Module.train(reference, True)
+    teacher.eval()
+    nn.Sequential(teacher.model).train(False)   # nothing switches it off
+    assert all(m.training for m in teacher.model.modules())
+    assert not any(p.requires_grad for p in teacher.model.parameters())
+    x = torch.randn(4, 3, 32, 32) * 2 + 1
+    running_mean = teacher.model.bn1.running_mean.clone()
+    with torch.no_grad():
+        expected = reference(x)
+    torch.testing.assert_close(teacher.logits(x), expected)
+    assert not torch.equal(teacher.model.bn1.running_mean, running_mean)
+    eval_teacher = make_teacher()
+    eval_teacher.model.load_state_dict(reference.state_dict())
+    assert not torch.allclose(eval_teacher.logits(x), expected)
+
+
 def test_created_teacher_is_frozen_and_eval():
     with pytest.warns(UserWarning, match="random weights"):
         model = create_teacher("test_resnet", 10)
