@@ -2,9 +2,12 @@
 of its stages.
 
 Two methods need more of the teacher than its outputs:
-* ScaleKD's teacher parameter perception (methods.md §5.4) pushes projected student features
+* ScaleKD's teacher parameter perception (Fan et al., NeurIPS 2024; deep-optimization/ScaleKD
+  backbones' `forward_specific_stage`, e.g. `mmcls/models/backbones/swin_transformer.py`)
+  pushes projected student features
   through the teacher's remaining stage and final norm, with autograd on (`TeacherTail`).
-* PAT's adaptive feedback prompts (§2.4) rewrite the input of each teacher stage during a second
+* PAT's adaptive feedback prompts (jimmylin0979/PAT `distillers/pat.py` `PromptBlock`) rewrite
+  the input of each teacher stage during a second
   teacher forward (`StageEntries.prompted`).
 
 Everything is found by introspection, never from tables of model names:
@@ -197,7 +200,8 @@ class TeacherTail:
     class-token models, B×P×C prefix tokens to put in front) → the B×C4×H4×W4 map the teacher
     itself would produce after its last stage and final norm. Autograd flows through it to the
     input when the caller has it on; the teacher's weights stay frozen. Used by ScaleKD
-    (methods.md §5.4); the official code hard-codes this per backbone (`forward_specific_stage`).
+    (teacher parameter perception); the official code hard-codes this per backbone
+    (`forward_specific_stage`).
     """
 
     def __init__(self, model: nn.Module, input_size: Sequence[int], from_stage: int = 3):

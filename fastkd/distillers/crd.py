@@ -188,7 +188,7 @@ class ContrastMemory(nn.Module):
 class CRD(Distiller):
     """`gt_weight·CE + kd_weight·(L_NCE(student side) + L_NCE(teacher side))`.
 
-    Formula: methods.md §1.6 (OFAKD `CRD`, from the CRD authors' code): embeddings
+    Formula: Hao840/OFAKD `distillers/crd.py` (`CRD`, from the CRD authors' code): embeddings
     `v = unit(Linear(D → 128)(pooled))` per side, scores and banks by `ContrastMemory`, loss
     `nce_loss` (method-specific, hence here and not in `fastkd.losses`). Reads the dataset
     index of every sample (`Needs(indices=True)`); the bank size N = `num_samples` must be

@@ -23,7 +23,8 @@ class RKDParams:
 class RKD(Distiller):
     """`gt_weight·CE + kd_weight·(w_d·L_dist + w_a·L_angle)` on the pooled (pre-logit) features.
 
-    Formula: methods.md §1.6, `fastkd.losses.rkd_loss` (distances normalised by their positive
+    Formula: Hao840/OFAKD `distillers/rkd.py` `RKD`, `fastkd.losses.rkd_loss` (distances
+    normalised by their positive
     mean, triplet angles, Huber; teacher side without gradient). Relations compare B×B and B³
     structures, so student and teacher widths may differ and every pairing works; no trainable
     part besides the student. Defaults are OFAKD's CLI.

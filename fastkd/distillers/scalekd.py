@@ -57,14 +57,16 @@ def default_heads(channels3: int, channels4: int, head_dim: int) -> tuple[int, i
 class ScaleKD(Distiller):
     """`gt_weight·CE + α·T²·softCE(z_s, z_t) + Σ_{stage∈{3,4}} [α_d·L_dir + α_a·L_alt]`.
 
-    methods.md §5. Two cross-attention projectors (`CrossAttentionProjector`, §5.2) per student
+    deep-optimization/ScaleKD `mmcls/models/dis_losses/fmdv2.py` (`FreqMaskingDistillLossv2`)
+    and `mmcls/models/classifiers/distiller.py`. Two cross-attention projectors
+    (`CrossAttentionProjector`) per student
     stage, one per view. Stage 3: learnable queries on the teacher's stage-3 grid; each output
     is pushed through the frozen teacher's remaining stage and final norm with autograd on
     (teacher parameter perception, `TeacherTail`) and compared with the teacher's final map
     `T4`. Stage 4: the two teacher-processed stage-3 outputs are the queries of the stage-4
     projectors (nothing detached, so stage-4 losses also train the stage-3 projectors).
     Direct view: `feature_mimic_loss`; alternative view: `freq_decoupled_loss(dc_weight=0)`
-    (§5.3, DCT with the DC removed = mean-removed mimicking). KD: `soft_ce_kd_loss`.
+    (DCT with the DC removed = mean-removed mimicking). KD: `soft_ce_kd_loss`.
     Total as the official `ori_loss·(1−α) + loss_kd + loss_s3 + loss_s3_alt + loss_s4 +
     loss_s4_alt`, with `distill.gt_weight: 0.5` standing for `1 − α` (the recipes set it).
 
