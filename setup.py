@@ -18,7 +18,7 @@ setup(
     package_dir={"fastkd": "fastkd", "fastkd.kernels": "kernels", "fastkd.pipelines": "pipelines",
                  "fastkd.bench": "bench"},
     install_requires=[
-        # torch from the index, unpinned: an exact CPU pin has no matching torchvision (DESIGN.md)
+        # torch from the index, unpinned: an exact CPU pin has no matching torchvision
         "torch>=2.4",
         "timm>=1.0",
         "pyyaml",

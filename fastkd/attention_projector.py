@@ -1,8 +1,9 @@
 """ScaleKD's cross-attention projector (CAP), shared by ScaleKD and UFD.
 
 A CAP turns a student feature map into tokens laid out like a teacher feature: queries on the
-teacher's grid (learnable, or passed in) attend over the student's map. Formula: methods.md
-§5.2 (ScaleKD `AttentionProjector` + `WindowMultiheadPosAttention`, `window_shapes=(1,1)`):
+teacher's grid (learnable, or passed in) attend over the student's map. Formula: ScaleKD's
+`AttentionProjector` (deep-optimization/ScaleKD `mmcls/models/dis_losses/fmd.py`, `fmdv2.py`)
++ `WindowMultiheadPosAttention` (`attention.py`) with `window_shapes=(1,1)`:
 
     X' = ReLU(BN(Conv3×3(X))) + P                  keys/values, B×(H_s·W_s)×C_s
     Q0 = ReLU(Conv1×1(queries))                    B×(H_q·W_q)×C_t
@@ -12,10 +13,11 @@ teacher's grid (learnable, or passed in) attend over the student's map. Formula:
 
 Deviations from the official code:
 * The positional map `P` is sized by the student grid and the queries by `query_hw` (ScaleKD's
-  `fmd.py` and UFD's pre-`42e5c86` CAP, methods.md §8.10). `fmdv2.py` sizes both by `query_hw`,
+  `fmd.py` and UFD's CAP before lusilili/UFD-KD commit `42e5c86`). `fmdv2.py` sizes both by
+  `query_hw`,
   which is the same whenever the student grid equals the query grid, the only case it allows.
-  UFD's latest ×2 bilinear upsampling of the student map is not applied (§6.2: its own configs
-  do not fit it).
+  UFD's latest ×2 bilinear upsampling of the student map is not applied (lusilili/UFD-KD
+  `mmcls/models/dis_losses/ufd.py`: its own ImageNet config's grids do not fit it).
 * The windowed attention branch (`window_shapes ≠ (1,1)`) is not implemented: every shipped
   config uses global attention.
 * No learnable query table is built when the caller always passes queries (ScaleKD's stage-4

@@ -121,16 +121,18 @@ def build_teacher(cfg: Config, num_classes: int, *, student_mean_std, device: to
                            pretrained=cfg.teacher.pretrained, use_ema=cfg.teacher.use_ema,
                            **cfg.teacher.kwargs)
     teacher = Teacher(model, amp_dtype=amp_dtype(cfg), student_mean_std=student_mean_std,
-                      channels_last=cfg.train.channels_last)
+                      channels_last=cfg.train.channels_last, train_mode=cfg.teacher.train_mode)
     return teacher.to(device)
 
 
 def build_distiller(cfg: Config, student: nn.Module, teacher: Teacher | None, num_classes: int,
-                    *, input_size: tuple[int, int, int], num_samples: int) -> Distiller:
+                    *, input_size: tuple[int, int, int], num_samples: int,
+                    sample_labels=None) -> Distiller:
     """The method around the student; `UnsupportedPair` for a pairing it cannot serve.
 
     Projectors are shaped at the training `input_size`. A method that reads dataset indices
-    (CRD's memory bank) gets the training-set size as `num_samples` unless the config sets it.
+    (CRD's memory bank) gets the training-set size as `num_samples` unless the config sets it,
+    and the training labels by dataset index as `sample_labels` (CRD's class-aware negatives).
     """
     method = get_distiller_class(cfg.distill.method)
     params = dict(cfg.distill.params)
@@ -138,7 +140,8 @@ def build_distiller(cfg: Config, student: nn.Module, teacher: Teacher | None, nu
         params.setdefault("num_samples", num_samples)
     params = build_params(cfg.distill.method, params)
     method.check_pair(model_family(student), teacher.family if teacher is not None else None)
-    return method(student, teacher, params, num_classes=num_classes,
+    by_index = {"sample_labels": sample_labels} if method.needs.indices else {}
+    return method(student, teacher, params, num_classes=num_classes, **by_index,
                   gt_weight=cfg.distill.gt_weight, label_smoothing=cfg.data.label_smoothing,
                   input_size=input_size)
 
@@ -332,7 +335,8 @@ def build_training(cfg: Config, world: World) -> TrainingSetup:
                       f"'{cfg.teacher.name}' is ignored", stacklevel=2)
     distiller = build_distiller(cfg, student, teacher, num_classes,
                                 input_size=tuple(info["input_size"]),
-                                num_samples=train_loader.num_samples).to(device)
+                                num_samples=train_loader.num_samples,
+                                sample_labels=train_loader.index.labels).to(device)
     if cfg.train.channels_last:
         distiller.to(memory_format=torch.channels_last)
     steps = len(train_loader)

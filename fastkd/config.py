@@ -71,6 +71,7 @@ class TeacherConfig:
     checkpoint: str | None = None            # local weights (timm / torchvision / mmpretrain layouts)
     pretrained: bool = False
     use_ema: bool = False                    # load the checkpoint's EMA weights
+    train_mode: bool = False                 # True: BN batch statistics, drop-path on (mmcls runners)
     kwargs: dict = field(default_factory=dict)
 
 

@@ -1,6 +1,6 @@
 """Every distillation formula, once: pure functions, the eager reference.
 
-Conventions (methods.md §0): `z_s, z_t` are B×K logits, `target` an integer class tensor (B,),
+Conventions: `z_s, z_t` are B×K logits, `target` an integer class tensor (B,),
 feature maps are B×C×H×W. Every function upcasts its inputs to fp32 first, computes in fp32 and
 returns a scalar fp32 tensor. "batch mean" = sum over classes/elements, then mean over the batch.
 
@@ -187,7 +187,8 @@ def _binary_log_probs(log_p: Tensor, target_mask: Tensor) -> Tensor:
 
 def dkd_loss(student_logits: Tensor, teacher_logits: Tensor | TopKLogits, target: Tensor,
              alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0) -> Tensor:
-    """Decoupled KD (methods.md §7.1): `α·TCKD + β·NCKD`, batch mean, both × T².
+    """Decoupled KD (Zhao et al., CVPR 2022; megvii-research/mdistiller
+    `mdistiller/distillers/DKD.py` `dkd_loss`): `α·TCKD + β·NCKD`, batch mean, both × T².
 
     `b = [p_y, 1 − p_y]` with `p = σ(z/T)`; `TCKD = T² (1/B) Σ_b KL(b_t ‖ b_s)`;
     `p̂ = σ(z/T)` over the non-target classes only; `NCKD = T² (1/B) Σ_b KL(p̂_t ‖ p̂_s)`.
@@ -212,7 +213,8 @@ def dkd_loss(student_logits: Tensor, teacher_logits: Tensor | TopKLogits, target
 
 def nkd_loss(student_logits: Tensor, teacher_logits: Tensor | TopKLogits, target: Tensor,
              temperature: float = 1.0, gamma: float = 1.5) -> Tensor:
-    """Normalized KD (methods.md §4.4): `L_target + L_non`, batch mean.
+    """Normalized KD (Yang et al., ICCV 2023; yzd-v/cls_KD `mmcls/models/dis_losses/nkd.py`
+    `NKDLoss`): `L_target + L_non`, batch mean.
 
     `L_target = −(1/B) Σ_b sg[σ(z_t)_y] · log σ(z_s)_y` (T = 1, teacher detached);
     `L_non = −γ T² (1/B) Σ_b Σ_{j≠y} σ(z̃_t/T)_j log σ(z̃_s/T)_j`, z̃ = logits without the target
@@ -237,12 +239,13 @@ def nkd_loss(student_logits: Tensor, teacher_logits: Tensor | TopKLogits, target
 
 def ofa_loss(student_logits: Tensor, teacher_logits: Tensor | TopKLogits, target: Tensor,
              eps: float = 1.0, temperature: float = 1.0) -> Tensor:
-    """OFA adaptive target enhancement (methods.md §1.4), batch mean, no T².
+    """OFA adaptive target enhancement (Hao et al., NeurIPS 2023; Hao840/OFAKD
+    `distillers/ofa.py` `ofa_loss`), batch mean, no T².
 
     `w = (p_t + e_y)^ε − e_y`, `L = (1/B) Σ_b Σ_k −w_{b,k} log σ(z_s/T)_{b,k}`, `p_t = σ(z_t/T)`:
     target weight `(1 + p_t,y)^ε − 1` (computed as `expm1(ε·log1p(p_t,y))`), non-target weight
     `p_t,k^ε` (as `exp(ε·log p_t,k)`). ε = 1 is soft-CE KD without T². Reproduces OFAKD
-    `ofa_loss`, with log-softmax for its `log(softmax)` (avoids its `0·(−inf)` NaN, §1.9).
+    `ofa_loss`, with log-softmax for its `log(softmax)` (avoids its `0·(−inf)` NaN).
     """
     fused = _fused("ofa", student_logits)
     if fused is not None:
@@ -258,7 +261,8 @@ def ofa_loss(student_logits: Tensor, teacher_logits: Tensor | TopKLogits, target
 
 def wsld_loss(student_logits: Tensor, teacher_logits: Tensor | TopKLogits, target: Tensor,
               temperature: float = 2.0, alpha: float = 2.5) -> Tensor:
-    """Weighted soft labels (methods.md §4.7): `α T² (1/B) Σ_b w_b ℓ_b`.
+    """Weighted soft labels (Zhou et al., ICLR 2021; yzd-v/cls_KD
+    `mmcls/models/dis_losses/wsld.py` `WSLDLoss`): `α T² (1/B) Σ_b w_b ℓ_b`.
 
     `ℓ_b = −Σ_k σ(z_t/T)_k log σ(z_s/T)_k`; `w = 1 − exp(−max(ce_s / (ce_t + 1e-7), 0))` with
     `ce = −log σ(z)_y` at T = 1 on detached logits. Reproduces cls_KD (master) `WSLDLoss`.
@@ -285,7 +289,8 @@ def _pearson_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
 
 def dist_loss(student_logits: Tensor, teacher_logits: Tensor | TopKLogits, beta: float = 1.0,
               gamma: float = 1.0, tau: float = 1.0) -> Tensor:
-    """DIST (methods.md §1.6): `τ² (β·inter + γ·intra)` on `y = σ(z/τ)`.
+    """DIST (Huang et al., NeurIPS 2022; Hao840/OFAKD `distillers/dist.py` `dist_loss`):
+    `τ² (β·inter + γ·intra)` on `y = σ(z/τ)`.
 
     inter = `1 − mean_b pearson(y_s[b,:], y_t[b,:])` (each sample over classes),
     intra = `1 − mean_k pearson(y_s[:,k], y_t[:,k])` (each class over the batch).
@@ -300,15 +305,18 @@ def dist_loss(student_logits: Tensor, teacher_logits: Tensor | TopKLogits, beta:
 
 
 def bkd_loss(student_logits: Tensor, teacher_logits: Tensor | TopKLogits) -> Tensor:
-    """Binary KD (methods.md §1.6): BCE-with-logits of z_s against σ(z_t), element mean over B×K.
+    """Binary KD: BCE-with-logits of z_s against the teacher's softmax p_t = softmax(z_t) (over
+    classes, not a per-class sigmoid), element mean over B×K; no temperature.
 
-    Reproduces OFAKD `BKD` (no temperature). ±inf student logits are clamped to ±1e30, where
-    torch's BCE-with-logits would give `0·inf = NaN` for a term whose true value is 0.
-    The teacher may be a `TopKLogits` (σ of the rebuilt logits, tail classes included).
+    Reproduces OFAKD `BKD` (Hao840/OFAKD `distillers/kd.py`, `BKD.forward`:
+    `binary_cross_entropy_with_logits(logits_student, logits_teacher.softmax(1))`). ±inf student
+    logits are clamped to ±1e30, where torch's BCE-with-logits would give `0·inf = NaN` for a
+    term whose true value is 0. The teacher may be a `TopKLogits` (softmax of the rebuilt
+    logits, tail classes included).
     """
     teacher = _teacher_logits(teacher_logits, student_logits.shape[1])
     student = student_logits.float().clamp(-_LOGIT_CEILING, _LOGIT_CEILING)
-    return F.binary_cross_entropy_with_logits(student, torch.sigmoid(teacher.float()))
+    return F.binary_cross_entropy_with_logits(student, _log_softmax(teacher).exp())
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,7 +347,8 @@ def _triplet_angles(embed: Tensor) -> Tensor:
 
 def rkd_loss(student_embed: Tensor, teacher_embed: Tensor, distance_weight: float = 25.0,
              angle_weight: float = 50.0, eps: float = 1e-12, squared: bool = False) -> Tensor:
-    """Relational KD (methods.md §1.6): `w_d·Huber(ψ_D^s, ψ_D^t) + w_a·Huber(ψ_A^s, ψ_A^t)`.
+    """Relational KD (Park et al., CVPR 2019; Hao840/OFAKD `distillers/rkd.py` `RKD`):
+    `w_d·Huber(ψ_D^s, ψ_D^t) + w_a·Huber(ψ_A^s, ψ_A^t)`.
 
     ψ_D: pairwise distances / their positive mean; ψ_A: cosine of every triplet's difference
     vectors; Huber = `smooth_l1` (β = 1), element mean. The teacher side carries no gradient
@@ -357,7 +366,8 @@ def rkd_loss(student_embed: Tensor, teacher_embed: Tensor, distance_weight: floa
 
 
 def correlation_loss(student_embed: Tensor, teacher_embed: Tensor, scale: float = 0.02) -> Tensor:
-    """CC as in OFAKD `Correlation` (methods.md §1.6), on already projected embeddings.
+    """CC as in OFAKD `Correlation` (`distillers/correlation.py`), on already projected
+    embeddings.
 
     `δ = |e_s − e_t|`, `L = scale · mean_{b=1..B−1} Σ_d δ_{b,d} δ_{b+1,d}` (consecutive samples).
     """
@@ -375,7 +385,8 @@ def mse_sum_loss(a: Tensor, b: Tensor) -> Tensor:
 
 
 def feature_mimic_loss(student_map: Tensor, teacher_map: Tensor) -> Tensor:
-    """ScaleKD direct view (methods.md §5.3): `Σ (n(S) − n(T))² / B`, weight by the caller.
+    """ScaleKD direct view (deep-optimization/ScaleKD `mmcls/models/dis_losses/fmdv2.py`
+    `FreqMaskingDistillLossv2`): `Σ (n(S) − n(T))² / B`, weight by the caller.
 
     `n` = L2 normalisation of each position's channel vector (dim 1, `F.normalize`, eps 1e-12).
     Reproduces ScaleKD `FreqMaskingDistillLossv2` direct branch (after the projector).
@@ -430,7 +441,8 @@ _FREQ_TERMS = {"spatial": (_spatial_dc_term, _spatial_ac_term),
 
 def freq_decoupled_loss(student_map: Tensor, teacher_map: Tensor, dc_weight: float | Tensor,
                         ac_weight: float | Tensor, dim: str = "spatial") -> Tensor:
-    """Frequency-decoupled feature loss (UFD methods.md §6.1; ScaleKD alternative view §5.3).
+    """Frequency-decoupled feature loss (lusilili/UFD-KD `mmcls/models/dis_losses/ufd.py`
+    `UnifiedFreqDecoupleLoss`; ScaleKD's alternative view, `fmdv2.py`).
 
     `dc_weight·Σ(n(DC_s) − n(DC_t))²/B + ac_weight·Σ(n(AC_s) − n(AC_t))²/B` on B×C×H×W maps.
     The unnormalised DCT-II keeping only coefficient 0 reconstructs the mean exactly, so
@@ -467,7 +479,8 @@ def _as_grid(feature: Tensor) -> Tensor:
 
 
 def hcl_loss(student_map: Tensor, teacher_map: Tensor, levels: tuple[int, ...] = (4, 2, 1)) -> Tensor:
-    """PAT's hierarchical context loss (methods.md §2.5), ReviewKD-style.
+    """PAT's hierarchical context loss (jimmylin0979/PAT `distillers/pat.py` `hcl_loss`),
+    ReviewKD-style.
 
     `(MSE(a, b) + Σ_l w_l · MSE(pool_l(a), pool_l(b))) / (1 + Σ_l w_l)`: MSE is element mean,
     `pool_l` is adaptive average pooling to l×l, levels with `l ≥ H` are skipped and `w` halves

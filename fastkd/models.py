@@ -67,17 +67,18 @@ def create_teacher(name: str, num_classes: int, *, checkpoint: str | Path | None
     return freeze(model)
 
 
-def freeze(model: nn.Module) -> nn.Module:
-    """No gradients for the weights, eval mode, and a `train()` that keeps eval mode, so that
-    no trainer (nor a parent module's `train()`) can turn on dropout or BN statistic updates."""
+def freeze(model: nn.Module, train_mode: bool = False) -> nn.Module:
+    """No gradients for the weights, eval mode (train mode with `train_mode`), and a `train()`
+    that keeps that mode, so that no trainer (nor a parent module's `train()`) can switch
+    dropout or BN statistic updates on or off."""
     model.requires_grad_(False)
-    model.eval()
-    model.train = types.MethodType(_stay_in_eval, model)
-    return model
+    model._fastkd_frozen_mode = train_mode
+    model.train = types.MethodType(_stay_in_frozen_mode, model)
+    return model.train()
 
 
-def _stay_in_eval(self: nn.Module, mode: bool = True) -> nn.Module:
-    return nn.Module.train(self, False)
+def _stay_in_frozen_mode(self: nn.Module, mode: bool = True) -> nn.Module:
+    return nn.Module.train(self, self._fastkd_frozen_mode)
 
 
 def _check_one_weight_source(checkpoint, pretrained: bool) -> None:
@@ -134,7 +135,9 @@ def num_prefix_tokens(model: nn.Module) -> int:
 
 @dataclass(frozen=True)
 class StageInfo:
-    """Stage `stage` (1..4) is `forward_intermediates` output `index`, produced by `module`."""
+    """Stage `stage` (1..4) is `forward_intermediates` output `index`, produced by `module`;
+    with `final`, it is the final features instead (what `forward_features` returns, after
+    the head convolution that follows block `index`), produced by `module`."""
     stage: int
     index: int
     module: str
@@ -142,6 +145,7 @@ class StageInfo:
     reduction: int
     height: int
     width: int
+    final: bool = False
 
 
 def isotropic_stage_indices(depth: int) -> tuple[int, int, int, int]:
@@ -172,13 +176,27 @@ def _feature_entries(model: nn.Module) -> list[dict]:
     return list(entries)
 
 
-def _stage_taps(model: nn.Module) -> dict[int, tuple[int, dict]]:
-    """Stage → (forward_intermediates index, feature_info entry), from feature_info alone.
+def _head_conv_before_pool(model: nn.Module, entries: list[dict]) -> bool:
+    """Whether `forward_features` runs layers after the last feature_info entry that change
+    its width: a head convolution before the pooling (EfficientNet and MobileNetV2's
+    `conv_head` + `bn2`, 320 → 1,280 channels; GhostNet, ReXNet). A head convolution after
+    the pooling (MobileNetV3) leaves `num_features` at the last stage's width."""
+    width = getattr(model, "num_features", None)
+    return isinstance(width, int) and width != entries[-1]["num_chs"]
+
+
+def _stage_taps(model: nn.Module) -> dict[int, tuple[int, dict, bool]]:
+    """Stage → (forward_intermediates index, feature_info entry, tap the final features?),
+    from feature_info alone.
 
     One reduction (ViT, Mixer, ResMLP: one entry per block): `isotropic_stage_indices`.
     Several (ResNet, EfficientNet, ConvNeXt, Swin): the last entry of each of the four largest
     reductions, which drops stride-2 stems and keeps a stage's final output. timm indexes
-    `forward_intermediates` by position in feature_info.
+    `forward_intermediates` by position in feature_info. When stage 4 is the last entry and a
+    head convolution follows it before the pooling (`_head_conv_before_pool`), stage 4 is
+    read after that convolution: the final features, as OFA-KD taps MobileNetV2 (Hao840/OFAKD
+    `custom_forward/efficientnet.py`: stage 4 is the output of `conv_head` + `bn2`, 1,280
+    channels).
     """
     entries = _feature_entries(model)
     reductions = sorted({entry["reduction"] for entry in entries})
@@ -190,7 +208,9 @@ def _stage_taps(model: nn.Module) -> dict[int, tuple[int, dict]]:
     else:
         raise ValueError(f"{type(model).__name__}: feature_info reductions {reductions}; stages "
                          f"1..4 need one reduction (isotropic) or at least four (hierarchical)")
-    return {stage: (i, entries[i]) for stage, i in zip(STAGES, positions)}
+    after_head = positions[-1] == len(entries) - 1 and _head_conv_before_pool(model, entries)
+    return {stage: (i, entries[i], after_head and stage == STAGES[-1])
+            for stage, i in zip(STAGES, positions)}
 
 
 def stage_info(model: nn.Module, input_size: Sequence[int] | None = None) -> dict[int, StageInfo]:
@@ -204,15 +224,22 @@ def stage_info(model: nn.Module, input_size: Sequence[int] | None = None) -> dic
     cache = model.__dict__.setdefault("_fastkd_stage_info", {})
     if size not in cache:
         taps = _stage_taps(model)
-        shapes = _probe_stage_shapes(model, sorted({i for i, _ in taps.values()}), size)
+        shapes, final_shape, final_module = _probe_stage_shapes(
+            model, sorted({i for i, _, _ in taps.values()}), size)
         infos = {}
-        for stage, (index, entry) in taps.items():
+        for stage, (index, entry, final) in taps.items():
             channels, height, width = shapes[index]
             if channels != entry["num_chs"]:
                 raise ValueError(f"{type(model).__name__}: forward_intermediates output {index} "
                                  f"has {channels} channels, feature_info says {entry['num_chs']}")
-            infos[stage] = StageInfo(stage, index, entry["module"], channels,
-                                     entry["reduction"], height, width)
+            module = entry["module"]
+            if final:
+                if final_shape[1:] != (height, width) or final_module is None:
+                    raise ValueError(f"{type(model).__name__}: its final features "
+                                     f"{final_shape} are not a map on the last stage's grid")
+                channels, module = final_shape[0], final_module
+            infos[stage] = StageInfo(stage, index, module, channels, entry["reduction"],
+                                     height, width, final)
         cache[size] = infos
     return cache[size]
 
@@ -222,19 +249,37 @@ def _probe_input(model: nn.Module, size: tuple) -> Tensor:
     return torch.zeros(1, *size, device=weight.device, dtype=weight.dtype)
 
 
-def _probe_stage_shapes(model: nn.Module, indices: list[int], size: tuple) -> dict[int, tuple]:
+def _probe_stage_shapes(model: nn.Module, indices: list[int], size: tuple
+                        ) -> tuple[dict[int, tuple], tuple, str | None]:
+    """({index: (C, H, W)}, shape of the final features without batch, name of the module
+    that produces them) from one probe forward.
+
+    That module is the last one to finish whose output is the final tensor itself, leaving
+    out containers of feature_info modules (GhostNet's `blocks` holds its head convolution
+    `blocks.9`): EfficientNet's `bn2`, a ResNet's `layer4`."""
     # A dummy batch must not move BatchNorm statistics: probe in eval mode, then give every
     # submodule back its own mode (a student may hold deliberately frozen, eval-mode parts).
     modes = [(module, module.training) for module in model.modules()]
+    containers = {".".join(entry["module"].split(".")[:depth])
+                  for entry in _feature_entries(model)
+                  for depth in range(1, entry["module"].count(".") + 1)}
+    finished: list[tuple[str, Any]] = []
+    handles = [module.register_forward_hook(
+        lambda module, args, out, name=name: finished.append((name, out)))
+        for name, module in model.named_modules() if name and name not in containers]
     model.eval()
     try:
         with torch.no_grad():
-            maps = model.forward_intermediates(_probe_input(model, size), indices=indices,
-                                               output_fmt="NCHW", intermediates_only=True)
+            final, maps = model.forward_intermediates(_probe_input(model, size), indices=indices,
+                                                      output_fmt="NCHW")
     finally:
+        for handle in handles:
+            handle.remove()
         for module, training in modes:
             module.training = training
-    return {index: tuple(fmap.shape[1:]) for index, fmap in zip(indices, maps)}
+    producer = next((name for name, out in reversed(finished) if out is final), None)
+    shapes = {index: tuple(fmap.shape[1:]) for index, fmap in zip(indices, maps)}
+    return shapes, tuple(final.shape[1:]), producer
 
 
 def stage_module(model: nn.Module, info: StageInfo) -> nn.Module:
@@ -281,25 +326,38 @@ def forward_features(model: nn.Module, x: Tensor, stages: Sequence[int], *,
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise ValueError(f"stages must be among {STAGES}, got {sorted(unknown)}")
-    taps = {stage: index for stage, (index, _) in _stage_taps(model).items() if stage in stages}
+    final, stage_maps, prefix = forward_stages(model, x, stages)
+    pooled = model.forward_head(final, pre_logits=True)
+    logits = model.forward_head(final) if with_logits else None
+    return Features(logits=logits, pooled=pooled, stages=stage_maps, prefix=prefix)
+
+
+def forward_stages(model: nn.Module, x: Tensor, stages: Sequence[int]
+                   ) -> tuple[Tensor, dict[int, Tensor], dict[int, Tensor]]:
+    """(final features as `forward_features` returns them, stage → B×C×H×W map, stage → B×P×C
+    prefix tokens) from one `forward_intermediates` call. A stage tapped after the head
+    convolution (`StageInfo.final`) is the final features themselves."""
+    taps = {stage: (index, final) for stage, (index, _, final) in _stage_taps(model).items()
+            if stage in stages}
+    blocks = {stage: index for stage, (index, final) in taps.items() if not final}
     stage_maps, prefix = {}, {}
-    if not taps:
+    if not blocks:
         final = model.forward_features(x)  # timm's forward_intermediates needs an index
     else:
-        indices = sorted(set(taps.values()))
+        indices = sorted(set(blocks.values()))
         with_prefix = _returns_prefix_tokens(model)
         options = {"return_prefix_tokens": True} if with_prefix else {}
         final, taken = model.forward_intermediates(x, indices=indices, output_fmt="NCHW",
                                                    intermediates_only=False, **options)
         maps = dict(zip(indices, taken))
-        for stage, index in taps.items():
+        for stage, index in blocks.items():
             if with_prefix:  # ViT gives (patch grid, prefix tokens) pairs
                 stage_maps[stage], prefix[stage] = maps[index]
             else:
                 stage_maps[stage] = maps[index]
-    pooled = model.forward_head(final, pre_logits=True)
-    logits = model.forward_head(final) if with_logits else None
-    return Features(logits=logits, pooled=pooled, stages=stage_maps, prefix=prefix)
+    for stage in taps.keys() - blocks.keys():
+        stage_maps[stage] = final
+    return final, stage_maps, prefix
 
 
 # ------------------------------------------------------------------------------------ teacher
@@ -316,12 +374,20 @@ class Teacher:
     features come back in fp32 so losses see one dtype; stage maps stay in the compute dtype
     (they are large; losses upcast). If the student's normalisation (`student_mean_std`)
     differs from the teacher's pretrained config, inputs are re-normalised first.
+
+    `train_mode=True` runs the frozen teacher in train mode throughout (BatchNorm on batch
+    statistics, dropout and drop-path active, still no gradients for its weights), as the
+    mmcls/mmengine-based repositories do: their distiller calls `teacher.eval()` once, and the
+    runner's `model.train()` at every epoch turns the teacher back to train mode
+    (deep-optimization/ScaleKD and lusilili/UFD-KD `mmcls/models/classifiers/distiller.py`,
+    yzd-v/cls_KD `mmcls/distillation/distillers/classification_distiller.py`).
     """
 
     def __init__(self, model: nn.Module, *, amp_dtype: torch.dtype | None,
                  student_mean_std: tuple[Sequence[float], Sequence[float]] | None = None,
-                 channels_last: bool = False):
-        self.model = freeze(model)
+                 channels_last: bool = False, train_mode: bool = False):
+        self.model = freeze(model, train_mode)
+        self.train_mode = train_mode
         self.amp_dtype = None if amp_dtype == torch.float32 else amp_dtype
         self.channels_last = channels_last
         self.family: Family = model_family(model)
@@ -342,8 +408,9 @@ class Teacher:
         return self
 
     def train(self, mode: bool = True) -> Teacher:
-        """Stays in eval mode whatever `mode` says (BN statistics and dropout stay off)."""
-        self.model.eval()
+        """Keeps the teacher's own mode whatever `mode` says: eval (BN statistics and dropout
+        off), or train throughout with `train_mode=True`."""
+        self.model.train()
         return self
 
     def eval(self) -> Teacher:

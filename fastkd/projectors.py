@@ -3,7 +3,8 @@
 Every stage tap (`fastkd.models.Features.stages`) is a B×C×H×W map, whatever the family:
 ViT/Mixer tokens arrive reshaped to their patch grid with the prefix (class/distillation)
 tokens kept apart, Swin tokens arrive as NCHW. So an aligner between a CNN and a token model
-is an aligner between two maps, and PAT's heterogeneous FitNet aligners (methods.md §2.6)
+is an aligner between two maps, and PAT's heterogeneous FitNet aligners (jimmylin0979/PAT
+`distillers/pat.py` `get_projector_module`)
 become one rule, chosen by the ratio of the two grids:
 
 * same grid: 1×1 conv (CNN↔CNN, OFAKD's FitNet; Linear on tokens for token↔token);
@@ -59,7 +60,7 @@ def pooled_dim(model: nn.Module) -> int:
 
 
 def init_projector_weights(module: nn.Module) -> None:
-    """OFA-KD's init (methods.md §1.3, OFAKD `init_weights`, also PAT's projectors).
+    """OFA-KD's init (Hao840/OFAKD `distillers/utils.py` `init_weights`, also PAT's projectors).
 
     Conv2d: Kaiming-normal, fan_out, ReLU gain; BatchNorm: weight 1, bias 0; Linear:
     truncated normal std 0.02, bias 0; LayerNorm keeps PyTorch's default. Deviation: a
@@ -83,7 +84,8 @@ def init_projector_weights(module: nn.Module) -> None:
 
 
 class SepConv(nn.Sequential):
-    """OFA-KD's down-sampling block (methods.md §1.3), spatial size halved.
+    """OFA-KD's down-sampling block (Hao840/OFAKD `distillers/utils.py` `SepConv`), spatial
+    size halved.
 
     depthwise 3×3 stride 2 → 1×1 (c_in→c_in) → BN → ReLU → depthwise 3×3 → 1×1 (c_in→c_out)
     → BN → ReLU; every conv bias-free.
@@ -105,7 +107,8 @@ class SepConv(nn.Sequential):
 
 class PatchMerging(nn.Module):
     """Swin-style 2×2 patch merging on B×H×W×C tokens: concatenate each 2×2 neighbourhood
-    (4C), LayerNorm(4C), Linear(4C → out, no bias), activation (OFA-KD, methods.md §1.3).
+    (4C), LayerNorm(4C), Linear(4C → out, no bias), activation (Hao840/OFAKD
+    `distillers/utils.py` `PatchMerging`).
 
     Deviation: an odd H or W is zero-padded to even first (as timm's Swin does); OFAKD asserts.
     """
@@ -148,7 +151,8 @@ def _integer_ratio(big: Sequence[int], small: Sequence[int]) -> tuple[int, int] 
 class FeatureAligner(nn.Module):
     """Student stage map B×C_s×H_s×W_s → the teacher stage's B×C_t×H_t×W_t.
 
-    The layer is chosen from the two grids at construction (module docstring; PAT §2.6):
+    The layer is chosen from the two grids at construction (module docstring; PAT's
+    `get_projector_module`):
     1×1 conv, patchify conv (kernel = stride = H_s/H_t), unpatchify transposed conv (kernel =
     stride = H_t/H_s), or resample + 1×1 conv for a non-integer ratio.
     `forward(x, size)` resamples the output to `size` when it differs (an input size other

@@ -217,8 +217,8 @@ def _version(module: str) -> str | None:
 
 def environment_record(*, device: torch.device, world_size: int, global_batch: int,
                        lr: float, lr_rule: str, loader: str) -> dict:
-    """What a result depends on beyond the config (users.md §0.3: global batch, world size and
-    versions are the first suspects when a number does not reproduce)."""
+    """What a result depends on beyond the config (global batch, world size and versions are
+    the first suspects when a number does not reproduce)."""
     import fastkd
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)

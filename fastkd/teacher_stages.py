@@ -2,13 +2,18 @@
 of its stages.
 
 Two methods need more of the teacher than its outputs:
-* ScaleKD's teacher parameter perception (methods.md §5.4) pushes projected student features
+* ScaleKD's teacher parameter perception (Fan et al., NeurIPS 2024; deep-optimization/ScaleKD
+  backbones' `forward_specific_stage`, e.g. `mmcls/models/backbones/swin_transformer.py`)
+  pushes projected student features
   through the teacher's remaining stage and final norm, with autograd on (`TeacherTail`).
-* PAT's adaptive feedback prompts (§2.4) rewrite the input of each teacher stage during a second
+* PAT's adaptive feedback prompts (jimmylin0979/PAT `distillers/pat.py` `PromptBlock`) rewrite
+  the input of each teacher stage during a second
   teacher forward (`StageEntries.prompted`).
 
 Everything is found by introspection, never from tables of model names:
-* stage modules come from `feature_info` (via `fastkd.models.stage_info`);
+* stage modules come from `feature_info` (via `fastkd.models.stage_info`), stage 4 from the
+  module that produces the final features when a head convolution follows the last stage
+  (EfficientNet, MobileNetV2: `bn2` after `conv_head`);
 * the modules that run between two stages are read off the module tree, timm's containers
   running their children in registration order (`blocks.9 → blocks.10, blocks.11`,
   `layer3 → layer4`, `layers.2 → layers.3`);
@@ -29,7 +34,7 @@ from typing import Callable, Iterator, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from fastkd.models import STAGES, num_prefix_tokens, stage_info, stage_module
+from fastkd.models import STAGES, forward_stages, num_prefix_tokens, stage_info, stage_module
 
 Layout = Literal["nchw", "nhwc", "tokens"]
 # A prompt: (stage input as a B×C×H×W grid) → grid of the same shape.
@@ -94,14 +99,12 @@ def _probe(model: nn.Module, input_size: Sequence[int], input_of: Sequence[str] 
     try:
         with torch.no_grad():
             # timm's forward_intermediates returns forward_features' output as its final value
-            final, maps = model.forward_intermediates(
-                image, indices=[info[s].index for s in STAGES], output_fmt="NCHW")
+            final, taps, _ = forward_stages(model, image, STAGES)
     finally:
         for handle in handles:
             handle.remove()
         for module, training in modes:
             module.training = training
-    taps = dict(zip(STAGES, maps))
     return _Probe(taps, outputs, inputs, final, _layout(model, outputs[1], taps[1]))
 
 
@@ -197,7 +200,8 @@ class TeacherTail:
     class-token models, B×P×C prefix tokens to put in front) → the B×C4×H4×W4 map the teacher
     itself would produce after its last stage and final norm. Autograd flows through it to the
     input when the caller has it on; the teacher's weights stay frozen. Used by ScaleKD
-    (methods.md §5.4); the official code hard-codes this per backbone (`forward_specific_stage`).
+    (teacher parameter perception); the official code hard-codes this per backbone
+    (`forward_specific_stage`).
     """
 
     def __init__(self, model: nn.Module, input_size: Sequence[int], from_stage: int = 3):

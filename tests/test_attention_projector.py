@@ -1,5 +1,5 @@
-"""ScaleKD's cross-attention projector: shapes, the attention formula of methods.md §5.2
-against a plain re-statement, queries passed or learnt, and the token/grid layout."""
+"""ScaleKD's cross-attention projector: shapes, the attention formula of deep-optimization/
+ScaleKD's `AttentionProjector` (`mmcls/models/dis_losses/fmd.py`) against a plain re-statement, queries passed or learnt, and the token/grid layout."""
 from __future__ import annotations
 
 import pytest
@@ -24,7 +24,8 @@ def test_output_is_query_grid_tokens_of_teacher_width(student_hw, query_hw):
 
 
 def test_attention_matches_the_formula():
-    """softmax(q kᵀ · (C_t/h)^{-1/2} · softmax_scale) v, then proj, LN, + MLP (§5.2)."""
+    """softmax(q kᵀ · (C_t/h)^{-1/2} · softmax_scale) v, then proj, LN, + MLP (ScaleKD
+    `WindowMultiheadPosAttention` in `mmcls/models/dis_losses/attention.py`)."""
     torch.manual_seed(0)
     cap = projector().eval()
     x = torch.randn(2, 12, 6, 6)

@@ -171,6 +171,7 @@ def refused(config: Path, overrides: list[str], capsys) -> str:
     (["distill.method=mgd"], "stage(s)"),
     (["distill.method=scalekd"], "cannot be served"),
     (["distill.method=none"], "uses no teacher"),
+    (["teacher.train_mode=true"], "teacher.train_mode"),
 ])
 def test_a_run_that_the_cache_cannot_serve_stops_with_its_own_message(root, capsys, overrides,
                                                                        named):

@@ -2,7 +2,8 @@
 
 Each public loss is run on fp32/bf16/fp16 inputs; its reference sees the same rounded values in
 float64, so values differ only by fp32-vs-fp64 arithmetic, while gradients come back in the input
-dtype and get that dtype's tolerance. Then the invariants of methods.md §9.
+dtype and get that dtype's tolerance. Then identities between the losses (DKD's decomposition,
+OFA at ε = 1, KL vs soft-CE, NKD and WSLD edge cases, the DCT's DC term).
 """
 import os
 import sys
@@ -134,8 +135,10 @@ def ref_dist(zs, zt, beta, gamma, tau):
 
 
 def ref_bkd(zs, zt):
-    """−[t log σ(x) + (1 − t) log(1 − σ(x))], t = σ(z_t), element mean."""
-    t, p = torch.sigmoid(zt), torch.sigmoid(zs)
+    """−[t log σ(x) + (1 − t) log(1 − σ(x))] with t = softmax(z_t) over the classes, element
+    mean: Hao840/OFAKD `distillers/kd.py` line 47 (`BKD.forward`),
+    `F.binary_cross_entropy_with_logits(logits_student, logits_teacher.softmax(1))`."""
+    t, p = F.softmax(zt, 1), torch.sigmoid(zs)
     return -(t * torch.log(p) + (1 - t) * torch.log(1 - p)).mean()
 
 
@@ -353,8 +356,8 @@ def test_freq_zero_weight_skips_term_and_tensor_weight_is_used():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("size, weights", [
-    (7, {0: 1.0, 4: 0.5, 2: 0.25, 1: 0.125}),   # §9: all levels used, normaliser 1.875
-    (4, {0: 1.0, 2: 0.5, 1: 0.25}),             # §9: level 4 skipped, normaliser 1.75
+    (7, {0: 1.0, 4: 0.5, 2: 0.25, 1: 0.125}),   # all levels used, normaliser 1.875
+    (4, {0: 1.0, 2: 0.5, 1: 0.25}),             # level 4 skipped, normaliser 1.75
     (2, {0: 1.0, 1: 0.5}),
     (1, {0: 1.0}),
 ])
@@ -374,7 +377,7 @@ def test_hcl_tokens_are_laid_out_as_a_grid():
 
 
 # --------------------------------------------------------------------------------------------
-# invariants (methods.md §9)
+# invariants
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("T", TEMPERATURES)

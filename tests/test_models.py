@@ -46,7 +46,7 @@ MODELS = {
     "test_convnext": (lambda: timm.create_model("test_convnext", num_classes=10), (3, 64, 64),
                       ("stages.0", "stages.1", "stages.2", "stages.3"), "cnn", 0),
     "test_efficientnet": (lambda: timm.create_model("test_efficientnet", num_classes=10),
-                          (3, 64, 64), ("blocks.1", "blocks.2", "blocks.3", "blocks.4"), "cnn", 0),
+                          (3, 64, 64), ("blocks.1", "blocks.2", "blocks.3", "bn2"), "cnn", 0),
     "mobilenetv3_small_050": (lambda: timm.create_model("mobilenetv3_small_050", num_classes=10),
                               (3, 64, 64), ("blocks.0", "blocks.1", "blocks.3", "blocks.5"),
                               "cnn", 0),
@@ -198,6 +198,31 @@ def test_teacher_is_frozen_and_stays_in_eval():
     assert not any(m.training for m in teacher.model.modules())
 
 
+def test_teacher_train_mode_runs_like_the_mmcls_runners_teacher():
+    """ScaleKD/UFD-KD `mmcls/models/classifiers/distiller.py` (`ClassificationDistiller.
+    __init__`: `self.teacher.eval()` once) and cls_KD's `classification_distiller.py` keep the
+    teacher as a submodule, and the runner's `model.train()` at each epoch sets it back to
+    train mode: BatchNorm normalises with the batch's statistics (and updates its running
+    ones) under no_grad. `teacher.train_mode: true` runs it that way, whatever calls train()."""
+    torch.manual_seed(0)
+    teacher = make_teacher(train_mode=True)
+    reference = copy.deepcopy(teacher.model)
+    nn.Module.train(reference, True)
+    teacher.eval()
+    nn.Sequential(teacher.model).train(False)   # nothing switches it off
+    assert all(m.training for m in teacher.model.modules())
+    assert not any(p.requires_grad for p in teacher.model.parameters())
+    x = torch.randn(4, 3, 32, 32) * 2 + 1
+    running_mean = teacher.model.bn1.running_mean.clone()
+    with torch.no_grad():
+        expected = reference(x)
+    torch.testing.assert_close(teacher.logits(x), expected)
+    assert not torch.equal(teacher.model.bn1.running_mean, running_mean)
+    eval_teacher = make_teacher()
+    eval_teacher.model.load_state_dict(reference.state_dict())
+    assert not torch.allclose(eval_teacher.logits(x), expected)
+
+
 def test_created_teacher_is_frozen_and_eval():
     with pytest.warns(UserWarning, match="random weights"):
         model = create_teacher("test_resnet", 10)
@@ -282,6 +307,31 @@ def test_forward_features_matches_stage_info_and_model(built, name):
     torch.testing.assert_close(features.logits, model_output(model, x))
     # pre-logits width: head_hidden_size where the head has its own hidden layer (MobileNetV3)
     assert features.pooled.shape == (2, getattr(model, "head_hidden_size", model.num_features))
+
+
+@pytest.mark.parametrize("name, widths", [
+    ("mobilenetv2_100", (24, 32, 96, 1280)),
+    ("efficientnet_b0", (24, 40, 112, 1280)),
+])
+def test_stage4_of_a_head_conv_model_is_after_conv_head_and_bn2(name, widths):
+    """Hao840/OFAKD `custom_forward/efficientnet.py`: `forward_features` appends the output of
+    `conv_head` + `bn2` as the last feature, and `stage_info` for mobilenetv2_100 gives
+    stages 1-4 as (24, 56, 56), (32, 28, 28), (96, 14, 14) and (1280, 7, 7) (feature 17,
+    after the head). efficientnet_b0 has no `stage_info` there, but the same custom forward:
+    its stage 4 is the 1,280-channel map after `conv_head` + `bn2` as well."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10).eval()
+    info = stage_info(model, (3, 224, 224))
+    assert tuple(info[s].channels for s in (1, 2, 3, 4)) == widths
+    assert tuple((info[s].height, info[s].width) for s in (1, 2, 3, 4)) == (
+        (56, 56), (28, 28), (14, 14), (7, 7))
+    assert info[4].final and info[4].module == "bn2" and not info[3].final
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        features = forward_features(model, x, (3, 4))
+        after_head = model.bn2(model.conv_head(model.blocks(model.bn1(model.conv_stem(x)))))
+    torch.testing.assert_close(features.stages[4], after_head)
+    torch.testing.assert_close(features.logits, model(x))
 
 
 def test_hierarchical_stages_keep_the_four_largest_reductions(built):

@@ -102,11 +102,38 @@ def test_raw_grid_round_trip(layout):
         assert back_prefix.equal(prefix) and raw[:, 2 + 1 * 4 + 2].equal(grid[:, :, 1, 2])
 
 
+def blurred_final(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` whose final features are a 3×3 average of its last stage: not a per-position
+    norm of it, so no tail can reproduce them."""
+    intermediates = model.forward_intermediates
+
+    def forward_intermediates(*args, **kwargs):
+        out = intermediates(*args, **kwargs)
+        if kwargs.get("intermediates_only"):
+            return out
+        return torch.nn.functional.avg_pool2d(out[0], 3, 1, 1), out[1]
+    model.forward_intermediates = forward_intermediates
+    return model
+
+
 def test_unsupported_teacher_is_reported():
-    # EfficientNet's final features add conv_head + bn2 after the last stage.
-    model = timm.create_model("test_efficientnet", num_classes=10).eval()
+    model = blurred_final(tiny_teacher("resnet"))
     with pytest.raises(UnsupportedTeacher, match="final features"):
         TeacherTail(model, SIZE)
+
+
+def test_tail_of_a_head_conv_teacher_runs_through_conv_head_and_bn2():
+    """EfficientNet: stage 4 is read after `conv_head` + `bn2` (Hao840/OFAKD
+    `custom_forward/efficientnet.py`), so the tail from stage 3 runs the last blocks and the
+    head convolution and reproduces the final features."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", num_classes=10).eval().requires_grad_(False)
+    tail = TeacherTail(model, SIZE)
+    images = torch.randn(2, *SIZE)
+    with torch.no_grad():
+        reproduced = tail(forward_features(model, images, (3,)).stages[3])
+        expected = model.forward_features(images)
+    torch.testing.assert_close(reproduced, expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("family,names", [

@@ -55,6 +55,11 @@ def check_cacheable(cfg: Config) -> None:
         raise ConfigError(f"cache.dir: distill.method '{method.name}' cannot be served by a "
                           f"teacher cache (it needs the live teacher: gradients through it, "
                           f"its weights, or its internal blocks); remove cache.dir")
+    if cfg.teacher.train_mode:
+        raise ConfigError("cache.dir: teacher.train_mode runs the teacher with BatchNorm batch "
+                          "statistics and drop-path, so its outputs depend on the batch and on "
+                          "random draws that no cache can replay; set teacher.train_mode=false "
+                          "or remove cache.dir")
     extra = unreplayable_augmentation(cfg)
     if extra:
         raise ConfigError(f"cache.dir: the teacher must see the student's very view, and "

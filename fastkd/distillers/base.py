@@ -111,7 +111,8 @@ class Distiller(nn.Module):
 
     @staticmethod
     def hard_target(labels: Tensor) -> Tensor:
-        """Integer targets: soft (mixup/cutmix) labels map to their argmax (methods.md §1.9)."""
+        """Integer targets: soft (mixup/cutmix) labels map to their argmax (as OFAKD's
+        `OFA.forward` builds its target mask: `one_hot(label.argmax(-1))`)."""
         return labels.argmax(dim=-1) if labels.dim() == 2 else labels
 
     def gt_term(self, logits: Tensor, labels: Tensor, weight: float | None = None) -> dict[str, Tensor]:

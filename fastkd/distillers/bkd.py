@@ -16,9 +16,10 @@ class BKDParams:
 
 @register
 class BKD(LogitDistiller):
-    """`gt_weight·CE + kd_weight · BCEWithLogits(z_s, σ(z_t))`, element mean over B×K.
+    """`gt_weight·CE + kd_weight · BCEWithLogits(z_s, softmax(z_t))`, element mean over B×K.
 
-    Formula: methods.md §1.6, `fastkd.losses.bkd_loss`; no temperature. Defaults OFAKD's.
+    Formula: Hao840/OFAKD `distillers/kd.py` `BKD`, `fastkd.losses.bkd_loss`; no temperature.
+    Defaults OFAKD's.
     Deviation: none.
     """
     name = "bkd"

@@ -87,18 +87,21 @@ def _last_attention(teacher_model: nn.Module, info) -> nn.Module:
 
 @register
 class CAKD(Distiller):
-    """`CE_ls(z_s, y) + λ(e)·[L_PCA + L_GL]` (methods.md §3.5, GAN dropped).
+    """`CE_ls(z_s, y) + λ(e)·[L_PCA + L_GL]` (Liu et al., ACCV 2022; yufanLIU/CrossArch_KD
+    `CAKD/dist_train_cakd.py` `train_one_epoch`; GAN dropped).
 
-    * `L_PCA = 0.2·MSE(S_qk, A_qk) + 0.05·MSE(S_vv, A_vv)` (§3.2): `S` from the PCA projector on
+    * `L_PCA = 0.2·MSE(S_qk, A_qk) + 0.05·MSE(S_vv, A_vv)`: `S` from the PCA projector on
       the student's stage-3 tokens; `A_qk = (Q/√d_h)Kᵀ` (pre-softmax) and `A_vv = VVᵀ`
       (unscaled, as the official teacher) of the teacher's last block, head-averaged, prefix
       rows/columns removed (the official `[:, 1:, 1:]`).
     * `L_GL = MSE(z_s, z_t) + MSE(cls_proj(h_s), t_cls) + 0.05·MSE(GL(tokens_s), t_patch)`
-      (§3.3): `h_s` the student's pooled features, `t_cls` the teacher's pooled pre-logits (its
-      class token after the final norm), `t_patch` its final-normed patch tokens. Logit term
+      (`GLProj` in `cakd_modified_files/resnet.py`): `h_s` the student's pooled features,
+      `t_cls` the teacher's pooled pre-logits (its class token after the final norm),
+      `t_patch` its final-normed patch tokens. Logit term
       is an MSE, not a KL. MSE = element mean. Teacher tensors carry no gradient.
-    * `λ(e) = min(max(e − 25, 0)/50, 0.2)`, `e = epoch − 1` the 0-based epoch (§3.5, §9:
-      λ(25) = 0, λ(30) = 0.1, λ(35) = 0.2). CE label smoothing 0.1 is `data.label_smoothing`.
+    * `λ(e) = min(max(e − 25, 0)/50, 0.2)`, `e = epoch − 1` the 0-based epoch
+      (`train_one_epoch`: λ(25) = 0, λ(30) = 0.1, λ(35) = 0.2). CE label smoothing 0.1 is
+      `data.label_smoothing`.
 
     The teacher's attention is read by a forward hook on the `qkv` Linear of its last block's
     attention (q, k, v recomputed from its output, timm's `q_norm`/`k_norm` applied), installed
@@ -112,7 +115,7 @@ class CAKD(Distiller):
 
     Deviations from the official code:
     * The "multi-view robust training" GAN is dropped: as shipped it is inert (its real branch
-      is detached and the student's GAN term is computed on a detached map, §3.4), and its
+      is detached and the student's GAN term is computed on a detached map), and its
       optimiser-ordering bug crashes current PyTorch. The student's gradients are unchanged;
       the logged total lacks its constant terms.
     * λ moves every step (fractional epoch), not once per epoch.

@@ -25,9 +25,10 @@ class CCParams:
 class CC(Distiller):
     """`gt_weight·CE + kd_weight·scale·mean_b Σ_d δ_{b,d} δ_{b+1,d}`, `δ = |e_s − e_t|`.
 
-    Formula: methods.md §1.6, `fastkd.losses.correlation_loss`; `e_s = Linear(D_s → 128)` of the
-    student's pooled feature and `e_t = Linear(D_t → 128)` of the teacher's, both trainable
-    (OFAKD `LinearEmbed`, PyTorch default init). Any pairing works (pooled features only).
+    Formula: Hao840/OFAKD `distillers/correlation.py` `Correlation`,
+    `fastkd.losses.correlation_loss`; `e_s = Linear(D_s → 128)` of the student's pooled feature
+    and `e_t = Linear(D_t → 128)` of the teacher's, both trainable (OFAKD `LinearEmbed`,
+    PyTorch default init). Any pairing works (pooled features only).
     Deviation from OFAKD: none. Like OFAKD, this is a simplified form (products of consecutive
     samples' embedding gaps), not the paper's kernel correlation matrices.
     """

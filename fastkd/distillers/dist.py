@@ -22,7 +22,8 @@ class DISTParams:
 class DIST(LogitDistiller):
     """`gt_weight·CE + kd_weight · τ² (β·inter + γ·intra)`, Pearson relations of σ(z/τ).
 
-    Formula: methods.md §1.6, `fastkd.losses.dist_loss`; defaults OFAKD's
+    Formula: Hao840/OFAKD `distillers/dist.py` `dist_loss`, `fastkd.losses.dist_loss`; defaults
+    OFAKD's
     (`--dist-beta/--dist-gamma/--dist-tau 1`, `--kd-loss-weight 1`). The intra-class term
     correlates each class over the batch, so the loss depends on the per-process batch (as
     in OFAKD under DDP: no all-gather). Deviation: none.

@@ -21,10 +21,11 @@ class DKDParams:
 class DKD(LogitDistiller):
     """`gt_weight·CE + min(epoch / warmup_epochs, 1) · (α·TCKD + β·NCKD)`.
 
-    Formula: methods.md §7.1, `fastkd.losses.dkd_loss`; total and warm-up §7.2 (mdistiller,
+    Formula: mdistiller `mdistiller/distillers/DKD.py` (`dkd_loss`, `DKD.forward_train`),
+    `fastkd.losses.dkd_loss`; total and warm-up as `DKD.forward_train` (mdistiller,
     `epoch` 1-based, here fractional so the ramp moves every step rather than every epoch).
     Defaults are mdistiller's `engine/cfg.py` (α 1, β 8, T 4, warm-up 20); its ImageNet
-    R34→R18 recipe is β 0.5, T 1, warm-up 1. Where repos disagree (§8.2): cls_KD has no warm-up
+    R34→R18 recipe is β 0.5, T 1, warm-up 1. Where repos disagree: cls_KD has no warm-up
     and class default β 6; OFAKD defaults T 1, β 2, no warm-up (`warmup_epochs: 0`), and its
     shipped DKD reads `self.dkd_alpha/beta/temperature`, attributes that are never set, so
     `--distiller dkd` raises AttributeError there: we implement its evident intent.

@@ -27,7 +27,8 @@ class FitNetParams:
 class FitNet(Distiller):
     """`gt_weight·CE + fitnet_weight·Σ_s MSE_mean(align_s(f_s^S), f_s^T) + kd_weight·KD_T`.
 
-    Formula: methods.md §1.6 (OFAKD FitNet) and §2.6 (PAT's heterogeneous FitNet); KD is
+    Formula: Hao840/OFAKD `distillers/fitnet.py` `FitNet` and PAT's heterogeneous FitNet
+    (jimmylin0979/PAT `distillers/pat.py` `get_projector_module`); KD is
     `fastkd.losses.kd_loss` (KL form, T², OFAKD/PAT `kd_loss`). Per stage, a
     `fastkd.projectors.FeatureAligner` maps the student stage map onto the teacher stage map:
     1×1 conv on equal grids, patchify / unpatchify convs on integer grid ratios — PAT's

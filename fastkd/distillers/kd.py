@@ -19,9 +19,9 @@ class KDParams:
 class KD(LogitDistiller):
     """`gt_weight·CE(z_s, y) + kd_weight · T² · (1/B) Σ_b KL(σ(z_t/T) ‖ σ(z_s/T))`.
 
-    Formula: methods.md §0.1 (KL form), `fastkd.losses.kd_loss`; defaults are OFAKD's
-    (T = 1, CE and KD weights 1/1, §1.6). The other published weightings are configuration,
-    not code (§8.1):
+    Formula: Hinton et al. 2015 in KL form (Hao840/OFAKD `distillers/utils.py` `kd_loss`),
+    `fastkd.losses.kd_loss`; defaults are OFAKD's (T = 1, CE and KD weights 1/1, `train.py`).
+    The other published weightings are configuration, not code:
     * mdistiller ImageNet: `distill.gt_weight: 0.5`, `kd_weight: 0.5`, T = 1;
       mdistiller CIFAR: `gt_weight: 0.1`, `kd_weight: 0.9`, T = 4.
     * cls_KD α-form (soft-CE, CE scaled by 1 − α): `gt_weight: 1 − α`, `kd_weight: α`. The

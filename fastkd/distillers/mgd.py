@@ -35,7 +35,8 @@ def random_channel_mask(batch: int, channels: int, ratio: float, like: Tensor) -
 class MGD(Distiller):
     """`gt_weight·CE + α · Σ (G(align(S) ⊙ M) − T)² / B` on the last stage.
 
-    Formula: methods.md §4.8 (cls_KD master `MGDLoss`); the sum/B reduction is
+    Formula: yzd-v/cls_KD (master) `mmcls/distillation/losses/mgd.py` `MGDLoss`; the sum/B
+    reduction is
     `fastkd.losses.mse_sum_loss`. `align` is Conv1×1(C_s → C_t, bias) when only the channels
     differ and nothing when the shapes agree (cls_KD); `M` is the random channel mask
     (`random_channel_mask`), drawn afresh each step; the generator `G` is Conv3×3 → ReLU →

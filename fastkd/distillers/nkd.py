@@ -20,7 +20,8 @@ class NKDParams:
 class NKD(LogitDistiller):
     """`gt_weight·CE + L_target + L_non` (NKD carries no extra weight; γ is inside L_non).
 
-    Formula: methods.md §4.4, `fastkd.losses.nkd_loss`. Defaults: cls_KD ImageNet CNN configs
+    Formula: yzd-v/cls_KD `mmcls/models/dis_losses/nkd.py` `NKDLoss`, `fastkd.losses.nkd_loss`.
+    Defaults: cls_KD ImageNet CNN configs
     (T 1, γ 1.5); DeiT pairs use γ 1.0, CIFAR-100 R34→R18 T 3, γ 3.5.
     Soft (mixup) labels: the NKD target is their argmax (as cls_KD), CE keeps the soft labels.
     Deviation: none beyond `nkd_loss`'s (exact target exclusion instead of `−1000` masking,

@@ -33,7 +33,8 @@ class OFAParams:
 
 class CnnBranch(nn.Sequential):
     """Stage s < 4: 4 − s `SepConv`s (channels doubling, the last one to `width`); stage 4:
-    1×1 conv (bias) to `width`; then global average pool and Linear(width, K) (§1.3)."""
+    1×1 conv (bias) to `width`; then global average pool and Linear(width, K) (Hao840/OFAKD
+    `distillers/ofa.py` `OFA.__init__`)."""
 
     def __init__(self, stage: int, channels: int, width: int, num_classes: int):
         if stage < 4:
@@ -55,10 +56,10 @@ class TokenBranch(nn.Module):
     """Token students (ViT, Swin, Mixer, ResMLP): 2×2 patch merges of the patch tokens down
     towards a 7×7 grid (first merge E → D_s, GELU except after the last merge of a chain longer
     than one), max(4 − s, 1) ViT blocks of width D_s with 4 heads, readout of the prefix
-    (class) tokens — or the token mean when there are none — and Linear to K (§1.3).
+    (class) tokens — or the token mean when there are none — and Linear to K (`OFA.__init__`).
 
     The prefix tokens are split off before merging, re-attached in front of the merged patch
-    tokens, and read out after the blocks: the evident intent of OFAKD (§1.9), whose
+    tokens, and read out after the blocks: the evident intent of OFAKD, whose
     `num_tokens` lookup finds 0 on timm ≥ 0.6 ViTs so that the shipped code never does it.
     Deviations (only for shapes OFAKD's models never produce): with no merge and E ≠ D_s the
     patch tokens get a Linear(E → D_s) instead of the merge's projection; prefix tokens of a
@@ -113,16 +114,17 @@ def broadcast_eps(eps: tuple[float, ...], num_stages: int) -> tuple[float, ...]:
 class OFA(Distiller):
     """`gt_weight·CE + kd_weight·L_OFA(z_s; ε_last) + ofa_weight·Σ_s L_OFA(branch_s(f_s); ε_s)`.
 
-    Formula: methods.md §1.4–1.5, `fastkd.losses.ofa_loss` (adaptive target enhancement, no T²,
-    log-softmax as §1.9 asks). Each student stage gets a branch that turns its features into K
-    logits (§1.3: `CnnBranch` for CNN students, `TokenBranch` for token students), width
+    Formula: Hao840/OFAKD `distillers/ofa.py` (`ofa_loss`, `OFA.forward`),
+    `fastkd.losses.ofa_loss` (adaptive target enhancement, no T², log-softmax). Each student
+    stage gets a branch that turns its features into K logits (`OFA.__init__`: `CnnBranch`
+    for CNN students, `TokenBranch` for token students), width
     D* = max(D_s, D_t) for CNN branches and D_s for token branches (D = pre-logit width), init
     as OFAKD. Only the teacher's logits are used, so every student/teacher pairing works and a
     teacher cache can serve it. ε: `broadcast_eps`. Soft (mixup) labels: the OFA target is their
-    argmax (§1.9), CE keeps the soft labels. Defaults: OFAKD's CLI (ε 1, T 1, weights 1); its
-    README uses ε 1.5 for ImageNet DeiT-T → ResNet18.
+    argmax (as `OFA.forward`), CE keeps the soft labels. Defaults: OFAKD's CLI (ε 1, T 1,
+    weights 1); its README uses ε 1.5 for ImageNet DeiT-T → ResNet18.
     Deviations: the class-token handling and shapes of `TokenBranch`; `PatchMerging` pads odd
-    grids. Stage taps are fastkd's (§1.2 positions, found by introspection).
+    grids. Stage taps are fastkd's (`fastkd.models.stage_info`, found by introspection).
     """
     name = "ofa"
     paper = "Hao et al., One-for-All: Bridge the Gap Between Heterogeneous Architectures in " \

@@ -57,7 +57,8 @@ class RegionPatchEmbed(nn.Module):
 
 
 class RegionAwareAttention(nn.Module):
-    """RAA (methods.md §2.2): every student stage → side² tokens, all stages attend jointly.
+    """RAA (jimmylin0979/PAT `distillers/pat.py` `RAProjector`, `RegionAttention`): every
+    student stage → side² tokens, all stages attend jointly.
 
     Shared `LN`, `W_q`, `W_kv` on the student tokens (teacher features are not used), a fixed
     sinusoidal encoding of each token's position added to q and k, multi-head attention without
@@ -126,7 +127,8 @@ class TokenAligner(nn.Module):
 
 class SqueezeExcite(nn.Module):
     """`x · σ(W₂ ReLU(W₁ avgpool(x)))`, reduction 16. PAT's `SEBlock` returns the gate alone
-    (methods.md §2.4), which collapses its prompt to a per-channel bias; the gate is applied."""
+    (`distillers/pat.py` `SEBlock`), which collapses its prompt to a per-channel bias; the gate
+    is applied."""
 
     def __init__(self, channels: int, ratio: int = 16):
         super().__init__()
@@ -139,7 +141,8 @@ class SqueezeExcite(nn.Module):
 
 
 class PromptBlock(nn.Module):
-    """AFP prompt in front of one teacher stage (methods.md §2.4, Pro-tuning style).
+    """AFP prompt in front of one teacher stage (PAT `distillers/pat.py` `PromptBlock`,
+    Pro-tuning style).
 
     `x + β·prompt(fuse([x, align(g)]))`: `g` the previous iteration's feedback (aligned student
     minus prompted teacher at this stage's output), aligned to the stage input by nearest
@@ -178,7 +181,8 @@ class PromptBlock(nn.Module):
 class PAT(Distiller):
     """`gt_w·CE + kd_w·KL_T(z_t⁰‖z_s) + fd_w·Σ_s HCL(F̂_s, T̃_s) + reg_w·KL(z_t⁰‖z_tᵖ)`.
 
-    methods.md §2. Per step: the student's four stage maps go through region-aware attention
+    Lin et al., ICCV 2025; jimmylin0979/PAT `distillers/pat.py` `PAT`. Per step: the student's
+    four stage maps go through region-aware attention
     (`RegionAwareAttention`) and per-stage aligners onto the teacher's stage shapes (`F̂_s`). The
     teacher runs twice: plain under no_grad (`z_t⁰`, for KD and the regulariser), and prompted
     with autograd on (`z_tᵖ`, stage outputs `T̃_s`), with a `PromptBlock` rewriting the input of
@@ -187,7 +191,7 @@ class PAT(Distiller):
     trains RAA, aligners and student, and the prompts through `T̃_s`; the regulariser
     `kd_loss(z_tᵖ, z_t⁰)` keeps the prompted teacher's predictions. Official term names.
 
-    Where the shipped code is broken, the paper's intent (methods.md §2.7):
+    Where the shipped code is broken, the paper's intent:
     * Prefix (class/distillation) tokens are the first ones (timm), dropped from RAA inputs and
       targets and passed through prompts untouched; PAT drops the *last* token instead.
     * The sinusoidal encoding is indexed by token position (0..63), not by batch position.

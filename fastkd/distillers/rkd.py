@@ -23,13 +23,14 @@ class RKDParams:
 class RKD(Distiller):
     """`gt_weight·CE + kd_weight·(w_d·L_dist + w_a·L_angle)` on the pooled (pre-logit) features.
 
-    Formula: methods.md §1.6, `fastkd.losses.rkd_loss` (distances normalised by their positive
+    Formula: Hao840/OFAKD `distillers/rkd.py` `RKD`, `fastkd.losses.rkd_loss` (distances
+    normalised by their positive
     mean, triplet angles, Huber; teacher side without gradient). Relations compare B×B and B³
     structures, so student and teacher widths may differ and every pairing works; no trainable
     part besides the student. Defaults are OFAKD's CLI.
-    Deviation: OFAKD's shipped RKD reads `self.embed_s`, `self.rkd_squared`, … which it never
-    sets (AttributeError as shipped); PAT's copy fixes it to use the pooled features directly,
-    which is what this does.
+    Deviation: none. OFAKD's RKD reads the pooled features directly since commit ce28423
+    ("Update rkd.py", `distillers/rkd.py`; before it, it read attributes it never set), as
+    PAT's copy does and as this does; the relations are computed in fp32 under autocast.
     """
     name = "rkd"
     paper = "Park et al., Relational Knowledge Distillation, CVPR 2019 (arXiv 1904.05068)"

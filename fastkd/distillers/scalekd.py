@@ -17,6 +17,16 @@ from . import register
 from .base import Distiller, Needs, UnsupportedPair
 
 VIEWS = ("direct", "alt")
+# CAP heads (stage 3, stage 4) of the official configs, keyed by the teacher's stage-3 and
+# stage-4 widths: `num_heads` of `loss_fmd_s3` / `loss_fmd_s4` in deep-optimization/ScaleKD
+# configs/distillers/traditional_traning_strategy/swin-{s,b,l}_distill_res50_img_s3_s4.py
+# (swin-l_distill_mbv1 and advanced_training_strategy/swin-l_distill_res50 agree with swin-l).
+# No width rule gives them: 768 channels get 16 heads in Swin-L's stage 3, 6 in Swin-S's stage 4.
+OFFICIAL_NUM_HEADS = {
+    (384, 768): (3, 6),       # Swin-S
+    (512, 1024): (8, 16),     # Swin-B
+    (768, 1536): (16, 24),    # Swin-L
+}
 
 
 @dataclass(frozen=True)
@@ -25,25 +35,38 @@ class ScaleKDParams:
     # shipped config but swin-s, which uses stage4_weights [0.08, 0.0] and no KD).
     stage3_weights: tuple[float, float] = (0.08, 0.06)
     stage4_weights: tuple[float, float] = (0.08, 0.06)
-    num_heads: tuple[int, int] | None = None  # CAP heads at stages 3, 4; None: C_t // head_dim
-    head_dim: int = 64                         # swin-b/-l configs: 64-channel heads
+    # CAP heads at stages 3, 4. None: the official configs' heads for a Swin-S/B/L teacher
+    # (`OFFICIAL_NUM_HEADS`), C_t // head_dim for any other teacher
+    num_heads: tuple[int, int] | None = None
+    head_dim: int = 64                         # the fallback: Swin-B's 512/8 and 1024/16
     softmax_scale: float = 5.0
     kd_weight: float = 0.5                     # α (official CE weight 1 − α: distill.gt_weight)
     temperature: float = 1.0
+
+
+def default_heads(channels3: int, channels4: int, head_dim: int) -> tuple[int, int]:
+    """CAP heads at stages 3 and 4 for a teacher of these widths: the official configs' for
+    Swin-S/B/L widths, else `default_num_heads` of each width."""
+    official = OFFICIAL_NUM_HEADS.get((channels3, channels4))
+    if official is not None:
+        return official
+    return default_num_heads(channels3, head_dim), default_num_heads(channels4, head_dim)
 
 
 @register
 class ScaleKD(Distiller):
     """`gt_weight·CE + α·T²·softCE(z_s, z_t) + Σ_{stage∈{3,4}} [α_d·L_dir + α_a·L_alt]`.
 
-    methods.md §5. Two cross-attention projectors (`CrossAttentionProjector`, §5.2) per student
+    deep-optimization/ScaleKD `mmcls/models/dis_losses/fmdv2.py` (`FreqMaskingDistillLossv2`)
+    and `mmcls/models/classifiers/distiller.py`. Two cross-attention projectors
+    (`CrossAttentionProjector`) per student
     stage, one per view. Stage 3: learnable queries on the teacher's stage-3 grid; each output
     is pushed through the frozen teacher's remaining stage and final norm with autograd on
     (teacher parameter perception, `TeacherTail`) and compared with the teacher's final map
     `T4`. Stage 4: the two teacher-processed stage-3 outputs are the queries of the stage-4
     projectors (nothing detached, so stage-4 losses also train the stage-3 projectors).
     Direct view: `feature_mimic_loss`; alternative view: `freq_decoupled_loss(dc_weight=0)`
-    (§5.3, DCT with the DC removed = mean-removed mimicking). KD: `soft_ce_kd_loss`.
+    (DCT with the DC removed = mean-removed mimicking). KD: `soft_ce_kd_loss`.
     Total as the official `ori_loss·(1−α) + loss_kd + loss_s3 + loss_s3_alt + loss_s4 +
     loss_s4_alt`, with `distill.gt_weight: 0.5` standing for `1 − α` (the recipes set it).
 
@@ -63,6 +86,10 @@ class ScaleKD(Distiller):
       swin-s's `[0.08, 0.0]` that is a whole unused projector, which DDP would reject).
     * Both views go through the teacher tail in one concatenated batch (same result, one pass).
     * CAP details as in `fastkd.attention_projector` (pos map sized by the student grid).
+    * Default heads: the CNN-student configs' (`OFFICIAL_NUM_HEADS`); the official DeiT-B
+      student config (advanced_training_strategy/swin-l_distill_deit-b) sets none and gets
+      the module default of 8 (`mmcls/models/dis_losses/fmd.py`, `num_heads=8`): set
+      `num_heads: [8, 8]` to reproduce it.
     """
     name = "scalekd"
     paper = ("Fan et al., ScaleKD: Strong Vision Transformers Could Be Excellent Teachers, "
@@ -80,8 +107,8 @@ class ScaleKD(Distiller):
             raise UnsupportedPair(f"scalekd: {error}") from None
         s_info, t_info = stage_info(student, size), stage_info(teacher.model, size)
         self.grids = {stage: (t_info[stage].height, t_info[stage].width) for stage in (3, 4)}
-        heads = params.num_heads or tuple(default_num_heads(t_info[s].channels, params.head_dim)
-                                          for s in (3, 4))
+        heads = params.num_heads or default_heads(t_info[3].channels, t_info[4].channels,
+                                                  params.head_dim)
         weights = {3: params.stage3_weights, 4: params.stage4_weights}
         self.weights = {stage: dict(zip(VIEWS, weights[stage])) for stage in (3, 4)}
         # A stage-3 view is needed when either stage uses it (stage 4 takes its queries).

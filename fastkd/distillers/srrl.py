@@ -63,7 +63,8 @@ class Connector(nn.Sequential):
 class SRRL(Distiller):
     """`gt_weight·CE + α·L_fm + β·L_sr`.
 
-    Formula: methods.md §4.9 (cls_KD master `SRRLLoss` and its distiller). `S' = Connector(S₄)`
+    Formula: yzd-v/cls_KD (master) `mmcls/distillation/losses/srrl.py` `SRRLLoss` and its
+    distiller. `S' = Connector(S₄)`
     on the student's last stage map (tokens as their patch grid), `v = GAP(S')`;
     `L_fm = (1/B) Σ_b mean_c (v − f_t)²` against the teacher's pooled (pre-logit) feature `f_t`;
     `z_st` = the frozen teacher's classifier applied to `v`, gradients flowing through it into

@@ -29,7 +29,8 @@ class UFDParams:
 class UFD(Distiller):
     """`gt_weight·CE + α·T²·softCE(z_s, z_t) + L_dc_spat + L_ac_spat + L_dc_chan + L_ac_chan`.
 
-    methods.md §6.1. Student stage 4 only. Two cross-attention projectors (§5.2) with learnable
+    lusilili/UFD-KD `mmcls/models/dis_losses/ufd.py` `UnifiedFreqDecoupleLoss`. Student
+    stage 4 only. Two cross-attention projectors (`CrossAttentionProjector`) with learnable
     queries on the teacher's stage-4 grid: the spatial branch's output goes to
     `freq_decoupled_loss(dim="spatial")` (DC = per-channel spatial mean, AC = residual, unit
     channel vectors), the channel branch's to `freq_decoupled_loss(dim="channel")` (DC =
@@ -49,7 +50,7 @@ class UFD(Distiller):
     Deviations from the official code: a term whose weight is 0 is not logged, and a branch
     whose two weights are 0 has no projector (official: built and run, the loss multiplied by
     0, which DDP would reject as an unused parameter); the CAP has no ×2 upsampling and its
-    positional map has the student's grid (`pos_hw` = student grid, methods.md §6.2: the latest commit's
+    positional map has the student's grid (`pos_hw` = student grid: the latest commit's
     upsampling does not fit its own configs); the projector's queries set the output grid to the
     teacher's, so student and teacher grids may differ.
     """

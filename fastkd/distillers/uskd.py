@@ -29,7 +29,7 @@ class USKDParams:
     beta: float = 0.1      # non-target (Zipf) term weight
     mu: float = 0.005      # weak auxiliary classifier weight (CIFAR-100 config 0.1)
     # True: the ranking score as shipped, whose student part is log σ(z) / (1 − Σ_targets log σ(z));
-    # False: the evident intent, probabilities σ(z) / (1 − Σ_targets σ(z)) (methods.md §4.5 step 4).
+    # False: the evident intent, probabilities σ(z) / (1 − Σ_targets σ(z)) (cls_KD USKDLoss).
     rank_on_log_probs: bool = True
 
 
@@ -48,7 +48,7 @@ def _zipf_non_target_labels(scores: Tensor, targets: Tensor) -> Tensor:
 
     Classes are sorted by `scores` (descending) over all K classes, targets included; the
     class at 1-based rank r gets `1/r`; the target columns are then removed and the rest
-    renormalised (methods.md §4.5 step 5, §9). Column order is the class order without targets.
+    renormalised (`USKDLoss.forward`). Column order is the class order without targets.
     """
     batch, num_classes = scores.shape
     position = scores.argsort(dim=1, descending=True).argsort(dim=1)   # 0-based rank per class
@@ -60,7 +60,8 @@ def _zipf_non_target_labels(scores: Tensor, targets: Tensor) -> Tensor:
 
 def _uskd_losses(logits: Tensor, weak_logits: Tensor, labels: Tensor, *, mu: float,
                  rank_on_log_probs: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(L_target, L_non, L_weak) of cls_KD `USKDLoss` (methods.md §4.5), batch means.
+    """(L_target, L_non, L_weak) of cls_KD `USKDLoss` (`mmcls/models/dis_losses/uskd.py`),
+    batch means.
 
     With targets `t` (value `v`), `s = σ(z_s)`, `w = weak_logits`:
       L_target = −(1/B) Σ_b Σ_t sg[p_t] log s_t,  p_t = s_t² + v − mean_batch(s_t²), 0 where v = 0
@@ -109,7 +110,8 @@ def _uskd_losses(logits: Tensor, weak_logits: Tensor, labels: Tensor, *, mu: flo
 class USKD(Distiller):
     """`gt_weight·CE + α·L_target + β·L_non + L_weak` (μ inside L_weak), no teacher.
 
-    Formula: methods.md §4.5 (cls_KD `USKDLoss`, official); defaults its ImageNet configs
+    Formula: yzd-v/cls_KD `mmcls/models/dis_losses/uskd.py` `USKDLoss` (official); defaults
+    its ImageNet configs
     (α 1, β 0.1, μ 0.005); CIFAR-100: α 0.1, β 0.1, μ 0.1.
 
     The middle feature fed to the weak head `Linear(C_mid, K)` (PyTorch default init, as cls_KD):
@@ -124,7 +126,7 @@ class USKD(Distiller):
     The tap and the logits come from one forward.
 
     Deviations from cls_KD: the ranking score defaults to the shipped form (`rank_on_log_probs`,
-    methods.md §4.5 step 4: a log-probability over 1 − Σ target log-probabilities), with the
+    `USKDLoss.forward`: a log-probability over 1 − Σ target log-probabilities), with the
     intended probability form one flag away; the Zipf vector is built on the logits' device
     (cls_KD hard-codes CUDA); `epoch` and `indices` are unused (no schedule, as cls_KD).
     """

@@ -48,7 +48,8 @@ def _token_taps(model: nn.Module, images: Tensor) -> tuple[Tensor, list[Tensor],
 class ViTKD(Distiller):
     """`gt_weight·CE + L_mimic + L_gen (+ NKD)`.
 
-    Formula: methods.md §4.6 (cls_KD `ViTKDLoss`), sums by `fastkd.losses.mse_sum_loss`:
+    Formula: yzd-v/cls_KD `mmcls/models/dis_losses/vitkd.py` `ViTKDLoss`, sums by
+    `fastkd.losses.mse_sum_loss`:
     `L_mimic = α · Σ (align_i(low_s,i) − low_t,i)² / B` over the patch tokens of the first two
     blocks;
     `L_gen = β/λ · Σ (M ⊙ G(x̃) − M ⊙ high_t)² / B`, x̃ = align(high_s) with a learnable

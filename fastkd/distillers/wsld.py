@@ -20,7 +20,8 @@ class WSLDParams:
 class WSLD(LogitDistiller):
     """`gt_weight·CE + α T² (1/B) Σ_b w_b ℓ_soft,b` with sample weights `w` from the CE ratio.
 
-    Formula: methods.md §4.7, `fastkd.losses.wsld_loss` (cls_KD master `WSLDLoss`); the CE
+    Formula: yzd-v/cls_KD (master) `mmcls/distillation/losses/wsld.py` `WSLDLoss`,
+    `fastkd.losses.wsld_loss`; the CE
     keeps weight 1 there, so `distill.gt_weight` defaults to 1. Defaults: cls_KD ImageNet
     configs (T 2, α 2.5).
     Deviation: cls_KD needs integer labels (`one_hot`); here soft (mixup) labels give the

@@ -16,7 +16,7 @@ from conftest import IMG, NUM_CLASSES, tiny_model, tiny_pair, two_training_steps
 
 from fastkd.config import load_config
 from fastkd.distillers import UnsupportedPair, build_params, get_distiller_class
-from fastkd.distillers.crd import ContrastMemory, nce_loss
+from fastkd.distillers.crd import ContrastMemory, OtherClassNegatives, nce_loss
 from fastkd.distillers.mgd import random_channel_mask
 from fastkd.distillers.ofa import CnnBranch, TokenBranch, broadcast_eps
 from fastkd.distillers.srrl import teacher_classifier_logits
@@ -25,6 +25,8 @@ from fastkd.losses import correlation_loss, kd_loss, nkd_loss, ofa_loss, rkd_los
 from fastkd.models import Teacher, forward_features, model_family
 
 SMALL = {"crd": {"num_samples": 16, "num_negatives": 8}}   # a 16-sample bank for batch 4
+# what the engine passes besides the params: CRD's training labels by dataset index
+BY_INDEX = {"crd": {"sample_labels": torch.arange(16) % NUM_CLASSES}}
 ANY_PAIR_METHODS = ("ofa", "fitnet", "mgd", "srrl", "crd", "rkd", "cc")
 # (student, teacher): CNN→CNN, ViT→CNN, CNN→ViT, MLP→ViT written teacher→student
 PAIRS = [("cnn", "cnn"), ("cnn", "vit"), ("vit", "cnn"), ("vit", "mlp")]
@@ -40,7 +42,7 @@ def build_on(method: str, student: nn.Module, teacher: Teacher, **params):
     cls = get_distiller_class(method)
     cls.check_pair(model_family(student), teacher.family)
     return cls(student, teacher, build_params(method, {**SMALL.get(method, {}), **params}),
-               num_classes=NUM_CLASSES)
+               num_classes=NUM_CLASSES, **BY_INDEX.get(method, {}))
 
 
 def batch(size: int = 4):
@@ -273,6 +275,61 @@ def test_crd_non_finite_embeddings_leave_the_banks_alone():
     memory(v, v, torch.tensor([3, 5]))
     assert torch.isfinite(memory.memory_s).all() and torch.equal(memory.memory_s[5], bank_s[5])
     assert not torch.equal(memory.memory_s[3], bank_s[3])     # the finite sample still moved
+
+
+def _official_cls_negative(labels: list[int], num_classes: int) -> list[list[int]]:
+    """Restates OFAKD's contrastive index (Hao840/OFAKD `utils.py`, `ImageNetInstanceSample.
+    __init__`, lines 26-38): `cls_positive[c]` = the samples of class c; `cls_negative[c]` =
+    the samples of every other class j != c, concatenated."""
+    cls_positive = [[i for i, y in enumerate(labels) if y == c] for c in range(num_classes)]
+    return [[i for j in range(num_classes) if j != c for i in cls_positive[j]]
+            for c in range(num_classes)]
+
+
+def test_crd_negatives_are_drawn_uniformly_from_the_other_classes_as_ofakd():
+    """OFAKD trains CRD with the dataset's `contrast_index` (`utils.py` line 53,
+    `np.random.choice(self.cls_negative[target], self.k, replace=True)`; `train.py` lines
+    481-493 build that dataset for `--distiller crd`): every negative has another class than
+    the sample, each such sample equally likely, the positive's own row never a negative."""
+    torch.manual_seed(0)
+    labels = [2, 0, 1, 2, 2, 0, 3, 1, 2, 3, 0, 2]          # uneven classes, unsorted
+    allowed = _official_cls_negative(labels, 4)
+    sampler = OtherClassNegatives(torch.tensor(labels))
+    draws = 40_000
+    indices = torch.tensor([0, 1, 6, 7, -1])               # classes 2, 0, 3, 1; padding → row 0
+    rows = sampler(indices, draws)
+    assert rows.shape == (5, draws)
+    for b, index in enumerate(indices.clamp_min(0).tolist()):
+        pool = allowed[labels[index]]
+        counts = torch.bincount(rows[b], minlength=len(labels))
+        assert set(torch.nonzero(counts).flatten().tolist()) == set(pool)   # all, and only those
+        expected = draws / len(pool)                        # uniform over the pool
+        assert (counts[pool].double() - expected).abs().max() < 5 * expected ** 0.5
+
+
+def test_crd_memory_draws_other_class_negatives_after_the_positive():
+    labels = torch.tensor([0, 1, 0, 1, 2, 2])
+    memory = ContrastMemory(dim=4, num_samples=6, num_negatives=50, temperature=0.5,
+                            momentum=0.5, sample_labels=labels)
+    rows = torch.cat([torch.tensor([[4], [1]]), memory._negatives(torch.tensor([4, 1]))], 1)
+    assert (labels[rows[:, 1:]] != labels[rows[:, :1]]).all()
+    with pytest.raises(ValueError, match="training labels"):
+        ContrastMemory(4, 7, 3, 0.5, 0.5, sample_labels=labels)
+    with pytest.raises(ValueError, match="two classes"):
+        OtherClassNegatives(torch.zeros(5, dtype=torch.long))
+
+
+def test_crd_other_class_needs_the_labels_and_uniform_does_not():
+    student, teacher = tiny_pair("cnn", "cnn")
+    with pytest.raises(ValueError, match="sample_labels"):
+        get_distiller_class("crd")(student, teacher, build_params("crd", SMALL["crd"]),
+                                   num_classes=NUM_CLASSES)
+    uniform = get_distiller_class("crd")(
+        student, teacher, build_params("crd", {**SMALL["crd"], "negatives": "uniform"}),
+        num_classes=NUM_CLASSES)
+    assert uniform.memory.other_class is None
+    assert "loss_kd" in two_training_steps(uniform)
+    assert build("crd").memory.other_class is not None     # the default: OFAKD's sampling
 
 
 def test_crd_banks_are_not_broadcast_by_ddp():

@@ -60,10 +60,28 @@ def test_ufd_two_training_steps(student_family, teacher_family):
 def test_teacher_without_a_runnable_tail_is_unsupported(method):
     student = tiny_model("cnn", seed=1)
     torch.manual_seed(2)
-    efficientnet = timm.create_model("test_efficientnet", num_classes=NUM_CLASSES)
-    teacher = Teacher(efficientnet.eval().requires_grad_(False), amp_dtype=None)
+    model = timm.create_model("test_resnet", num_classes=NUM_CLASSES).eval().requires_grad_(False)
+    intermediates = model.forward_intermediates
+
+    def blurred(*args, **kwargs):   # final features a 3×3 average of stage 4: no tail gives them
+        out = intermediates(*args, **kwargs)
+        if kwargs.get("intermediates_only"):
+            return out
+        return torch.nn.functional.avg_pool2d(out[0], 3, 1, 1), out[1]
+    model.forward_intermediates = blurred
     with pytest.raises(UnsupportedPair, match=method):
-        build(method, student, teacher)
+        build(method, student, Teacher(model, amp_dtype=None))
+
+
+@pytest.mark.parametrize("method", ["scalekd", "ufd"])
+def test_head_conv_teacher_is_served_after_conv_head(method):
+    """An EfficientNet teacher's stage 4 is the map after `conv_head` + `bn2` (OFA-KD's), so
+    its tail runs and both methods train on it."""
+    torch.manual_seed(2)
+    model = timm.create_model("test_efficientnet", num_classes=NUM_CLASSES)
+    teacher = Teacher(model.eval().requires_grad_(False), amp_dtype=None)
+    assert teacher.info[4].channels == model.num_features
+    assert "loss_gt" in two_training_steps(build(method, tiny_model("cnn", seed=1), teacher))
 
 
 # ------------------------------------------------------------------------- ScaleKD formulas
@@ -114,6 +132,25 @@ def test_scalekd_swin_s_weights_build_no_unused_projector():
     assert distiller.stage3["alt"].num_heads == 1 and distiller.stage4["direct"].num_heads == 2
     terms = two_training_steps(distiller)
     assert set(terms) == {"loss_gt", "loss_s3", "loss_s3_alt", "loss_s4"}
+
+
+@pytest.mark.parametrize("embed_dim, heads", [
+    (96, (3, 6)),       # Swin-S: swin-s_distill_res50_img_s3_s4.py num_heads=3 / num_heads=6
+    (128, (8, 16)),     # Swin-B: swin-b_distill_res50_img_s3_s4.py num_heads=8 / num_heads=16
+    (192, (16, 24)),    # Swin-L: swin-l_distill_res50_img_s3_s4.py num_heads=16 / num_heads=24
+])
+def test_scalekd_default_heads_are_the_official_configs(embed_dim, heads):
+    """deep-optimization/ScaleKD configs/distillers/traditional_traning_strategy/
+    swin-{s,b,l}_distill_res50_img_s3_s4.py: `num_heads` of `loss_fmd_s3` (teacher_dims 384,
+    512, 768) and `loss_fmd_s4` (768, 1024, 1536). A Swin teacher of the same widths (a
+    one-block-per-stage copy at 64 px) gets those heads by default."""
+    torch.manual_seed(0)
+    swin = timm.create_model("swin_tiny_patch4_window7_224", embed_dim=embed_dim,
+                             depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), window_size=2,
+                             img_size=IMG, num_classes=NUM_CLASSES)
+    teacher = Teacher(swin.eval().requires_grad_(False), amp_dtype=None)
+    distiller = build("scalekd", tiny_model("cnn", seed=1), teacher)
+    assert (distiller.stage3["direct"].num_heads, distiller.stage4["direct"].num_heads) == heads
 
 
 def test_scalekd_defaults_are_the_swin_b_config():
