@@ -21,13 +21,15 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_LOGIT_CEILING = 1e30  # +inf logits become this: finite, yet exp(x − ceiling) == 0 for the rest
+from fastkd.loss_conventions import LOGIT_CEILING as _LOGIT_CEILING
+from fastkd.loss_conventions import TopKLogits  # also public here (README, teacher cache)
+from fastkd.loss_conventions import is_zero_weight as _is_zero_weight
 
 
 # --------------------------------------------------------------------------------------------
@@ -60,18 +62,6 @@ def _fused(name: str, x: Tensor) -> Callable | None:
 # --------------------------------------------------------------------------------------------
 # Top-k cached teacher
 # --------------------------------------------------------------------------------------------
-
-class TopKLogits(NamedTuple):
-    """A teacher's logits as the teacher cache stores them (k ≪ K).
-
-    values: B×k top logits (stored dtype); indices: B×k int64 class ids;
-    logsumexp: (B,) fp32 log Σ_k exp(z_t,k) of the FULL teacher logits at T = 1.
-    """
-
-    values: Tensor
-    indices: Tensor
-    logsumexp: Tensor
-
 
 def topk_from_logits(teacher_logits: Tensor, k: int) -> TopKLogits:
     """What the cache stores for a B×K teacher-logit tensor: top-k values/indices + full lse."""
@@ -387,11 +377,6 @@ def feature_mimic_loss(student_map: Tensor, teacher_map: Tensor) -> Tensor:
                         F.normalize(teacher_map.float(), dim=1))
 
 
-def _is_zero_weight(weight: float | Tensor) -> bool:
-    """True only for a Python number equal to 0 (a tensor weight is never skipped)."""
-    return isinstance(weight, (int, float)) and weight == 0
-
-
 def _spatial_dc_term(s: Tensor, t: Tensor) -> Tensor:
     """`Σ (n_c(DC_s) − n_c(DC_t))² / B` with DC = per-channel spatial mean, broadcast.
 
@@ -485,3 +470,4 @@ def hcl_loss(student_map: Tensor, teacher_map: Tensor, levels: tuple[int, ...] =
                                           F.adaptive_avg_pool2d(t, level))
         total_weight += weight
     return loss / total_weight
+
