@@ -10,14 +10,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastkd.losses import nce_loss
 from fastkd.models import forward_features
 from fastkd.projectors import pooled_dim
 
 from . import register
 from .base import Distiller, Needs
-
-NCE_EPS = 1e-7  # OFAKD's stabiliser in the NCE ratios
-
 
 @dataclass(frozen=True)
 class CRDParams:
@@ -27,23 +25,6 @@ class CRDParams:
     momentum: float = 0.5            # memory update momentum (`--crd-momentum`)
     kd_weight: float = 1.0           # `--kd-loss-weight`
     num_samples: int | None = None   # N, training-set size: the memory bank has one row per sample
-
-
-def nce_loss(scores: Tensor, num_samples: int, valid: Tensor | None = None) -> Tensor:
-    """CRD's NCE loss for one side (OFAKD `ContrastLoss`), from B×(1+K) normalised scores
-    P (column 0: the positive, then K negatives), noise probability P_n = 1/N:
-
-    `L = −(1/B) [Σ_b log(P⁺ / (P⁺ + K·P_n + ε)) + Σ_{b,j} log(K·P_n / (P⁻ + K·P_n + ε))]`.
-
-    `valid` (B bools) leaves out padded samples (dataset index −1), whose positive row is
-    unknown; B stays the batch size.
-    """
-    noise = (scores.shape[1] - 1) / num_samples   # K·P_n
-    positive = torch.log(scores[:, 0] / (scores[:, 0] + noise + NCE_EPS))
-    per_sample = positive + torch.log(noise / (scores[:, 1:] + noise + NCE_EPS)).sum(dim=1)
-    if valid is not None:
-        per_sample = torch.where(valid, per_sample, 0.0)
-    return -per_sample.sum() / scores.shape[0]
 
 
 def _gather_ranks(x: Tensor) -> Tensor:
@@ -139,7 +120,7 @@ class CRD(Distiller):
 
     Formula: methods.md §1.6 (OFAKD `CRD`, from the CRD authors' code): embeddings
     `v = unit(Linear(D → 128)(pooled))` per side, scores and banks by `ContrastMemory`, loss
-    `nce_loss` (method-specific, hence here and not in `fastkd.losses`). Reads the dataset
+    `fastkd.losses.nce_loss`. Reads the dataset
     index of every sample (`Needs(indices=True)`); the bank size N = `num_samples` must be
     given (the engine passes the training-set size). Any pairing works (pooled features only).
     Defaults: OFAKD's CLI (K 16384, τ 0.07, momentum 0.5, width 128).
