@@ -224,65 +224,39 @@ def ref_hcl(s, t, weights_by_level):
 # logit losses vs references
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T", TEMPERATURES)
-def test_kd_and_soft_ce(shape, dtype, T):
-    zs, zs64, zt, zt64, _ = _logit_pair(shape, dtype)
-    _check(lambda a, b: kd_loss(a, b, T), lambda a, b: ref_kd(a, b, T), [zs, zt], [zs64, zt64],
-           dtype, grad_of=(0, 1))
-    _check(lambda a, b: soft_ce_kd_loss(a, b, T), lambda a, b: ref_soft_ce(a, b, T),
-           [zs, zt], [zs64, zt64], dtype, grad_of=(0, 1))
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T", TEMPERATURES)
-def test_dkd(shape, dtype, T):
+# name -> (ours, reference, which of (student, teacher) to check gradients of); both called
+# as f(z_s, z_t, target, T)
+LOGIT_LOSSES = {
+    "kd": (lambda a, b, y, T: kd_loss(a, b, T), lambda a, b, y, T: ref_kd(a, b, T), (0, 1)),
+    "soft_ce": (lambda a, b, y, T: soft_ce_kd_loss(a, b, T),
+                lambda a, b, y, T: ref_soft_ce(a, b, T), (0, 1)),
     # student gradients only: the official masking gives kl_div an exact-0 target, whose
     # gradient w.r.t. that target is NaN in the reference (mdistiller's teacher has no grad)
-    zs, zs64, zt, zt64, y = _logit_pair(shape, dtype)
-    _check(lambda a, b: dkd_loss(a, b, y, 1.0, 8.0, T), lambda a, b: ref_dkd(a, b, y, 1.0, 8.0, T),
-           [zs, zt], [zs64, zt64], dtype)
-    _check(lambda a, b: dkd_loss(a, b, y, 0.7, 2.0, T), lambda a, b: ref_dkd(a, b, y, 0.7, 2.0, T),
-           [zs, zt], [zs64, zt64], dtype)
+    "dkd": (lambda a, b, y, T: dkd_loss(a, b, y, 1.0, 8.0, T),
+            lambda a, b, y, T: ref_dkd(a, b, y, 1.0, 8.0, T), (0,)),
+    "dkd-weights": (lambda a, b, y, T: dkd_loss(a, b, y, 0.7, 2.0, T),
+                    lambda a, b, y, T: ref_dkd(a, b, y, 0.7, 2.0, T), (0,)),
+    "nkd": (lambda a, b, y, T: nkd_loss(a, b, y, T, 1.5),
+            lambda a, b, y, T: ref_nkd(a, b, y, T, 1.5), (0, 1)),
+    **{f"ofa-eps{eps}": (lambda a, b, y, T, eps=eps: ofa_loss(a, b, y, eps, T),
+                         lambda a, b, y, T, eps=eps: ref_ofa(a, b, y, eps, T), (0, 1))
+       for eps in (1.0, 1.5, 2.0)},
+    "wsld": (lambda a, b, y, T: wsld_loss(a, b, y, T, 2.5),
+             lambda a, b, y, T: ref_wsld(a, b, y, T, 2.5), (0, 1)),
+    "dist": (lambda a, b, y, T: dist_loss(a, b, 1.0, 2.0, T),
+             lambda a, b, y, T: ref_dist(a, b, 1.0, 2.0, T), (0, 1)),
+}
 
 
+@pytest.mark.parametrize("name", LOGIT_LOSSES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", TEMPERATURES)
-def test_nkd(shape, dtype, T):
+def test_logit_loss_matches_reference(name, shape, dtype, T):
+    ours, reference, grad_of = LOGIT_LOSSES[name]
     zs, zs64, zt, zt64, y = _logit_pair(shape, dtype)
-    _check(lambda a, b: nkd_loss(a, b, y, T, 1.5), lambda a, b: ref_nkd(a, b, y, T, 1.5),
-           [zs, zt], [zs64, zt64], dtype, grad_of=(0, 1))
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T", TEMPERATURES)
-@pytest.mark.parametrize("eps", [1.0, 1.5, 2.0])
-def test_ofa(shape, dtype, T, eps):
-    zs, zs64, zt, zt64, y = _logit_pair(shape, dtype)
-    _check(lambda a, b: ofa_loss(a, b, y, eps, T), lambda a, b: ref_ofa(a, b, y, eps, T),
-           [zs, zt], [zs64, zt64], dtype, grad_of=(0, 1))
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T", TEMPERATURES)
-def test_wsld(shape, dtype, T):
-    zs, zs64, zt, zt64, y = _logit_pair(shape, dtype)
-    _check(lambda a, b: wsld_loss(a, b, y, T, 2.5), lambda a, b: ref_wsld(a, b, y, T, 2.5),
-           [zs, zt], [zs64, zt64], dtype, grad_of=(0, 1))
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tau", TEMPERATURES)
-def test_dist(shape, dtype, tau):
-    zs, zs64, zt, zt64, _ = _logit_pair(shape, dtype)
-    _check(lambda a, b: dist_loss(a, b, 1.0, 2.0, tau), lambda a, b: ref_dist(a, b, 1.0, 2.0, tau),
-           [zs, zt], [zs64, zt64], dtype, grad_of=(0, 1))
+    _check(lambda a, b: ours(a, b, y, T), lambda a, b: reference(a, b, y, T), [zs, zt],
+           [zs64, zt64], dtype, grad_of=grad_of)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -511,16 +485,20 @@ def _extreme_rows():
     return student, teacher, torch.tensor([0, 2, 0])
 
 
-@pytest.mark.parametrize("name, fn", [
-    ("kd", lambda s, t, y: kd_loss(s, t, 2.0)),
-    ("soft_ce", lambda s, t, y: soft_ce_kd_loss(s, t, 2.0)),
-    ("dkd", lambda s, t, y: dkd_loss(s, t, y, 1.0, 8.0, 4.0)),
-    ("nkd", lambda s, t, y: nkd_loss(s, t, y, 2.0, 1.5)),
-    ("ofa", lambda s, t, y: ofa_loss(s, t, y, 1.5, 1.0)),
-    ("wsld", lambda s, t, y: wsld_loss(s, t, y, 2.0, 2.5)),
-    ("dist", lambda s, t, y: dist_loss(s, t)),
-    ("bkd", lambda s, t, y: bkd_loss(s, t)),
-])
+# every loss of a teacher's logits, as f(z_s, z_t, target), for the checks below
+TEACHER_LOGIT_LOSSES = {
+    "kd": lambda s, t, y: kd_loss(s, t, 2.0),
+    "soft_ce": lambda s, t, y: soft_ce_kd_loss(s, t, 2.0),
+    "dkd": lambda s, t, y: dkd_loss(s, t, y, 1.0, 8.0, 4.0),
+    "nkd": lambda s, t, y: nkd_loss(s, t, y, 2.0, 1.5),
+    "ofa": lambda s, t, y: ofa_loss(s, t, y, 1.5, 2.0),
+    "wsld": lambda s, t, y: wsld_loss(s, t, y, 2.0, 2.5),
+    "dist": lambda s, t, y: dist_loss(s, t, 1.0, 2.0, 2.0),
+    "bkd": lambda s, t, y: bkd_loss(s, t),
+}
+
+
+@pytest.mark.parametrize("name, fn", TEACHER_LOGIT_LOSSES.items())
 def test_extreme_logits_stay_finite(name, fn):
     student, teacher, y = _extreme_rows()
     loss = fn(student, teacher, y)
@@ -587,16 +565,7 @@ def test_topk_from_logits_keeps_dtype_and_stores_full_logsumexp():
     torch.testing.assert_close(cached.logsumexp.double(), logits.double().logsumexp(1), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("name, fn", [
-    ("kd", lambda s, t, y: kd_loss(s, t, 2.0)),
-    ("dkd", lambda s, t, y: dkd_loss(s, t, y, 1.0, 8.0, 4.0)),
-    ("nkd", lambda s, t, y: nkd_loss(s, t, y, 2.0, 1.5)),
-    ("ofa", lambda s, t, y: ofa_loss(s, t, y, 1.5, 2.0)),
-    ("soft_ce", lambda s, t, y: soft_ce_kd_loss(s, t, 2.0)),
-    ("wsld", lambda s, t, y: wsld_loss(s, t, y, 2.0, 2.5)),
-    ("dist", lambda s, t, y: dist_loss(s, t, 1.0, 2.0, 2.0)),
-    ("bkd", lambda s, t, y: bkd_loss(s, t)),
-])
+@pytest.mark.parametrize("name, fn", TEACHER_LOGIT_LOSSES.items())
 def test_losses_accept_topk_teacher(name, fn):
     zs, zt, y = torch.randn(4, 37, requires_grad=True), torch.randn(4, 37) * 3, torch.randint(0, 37, (4,))
     cached = topk_from_logits(zt, 5)
