@@ -14,14 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from timm.optim import create_optimizer_v2, list_optimizers
-from timm.optim._param_groups import param_groups_layer_decay, param_groups_weight_decay
+from timm.optim import (create_optimizer_v2, list_optimizers, param_groups_layer_decay,
+                        param_groups_weight_decay)
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fastkd.checkpoint import load_checkpoint, student_state_dict
+from fastkd.compat import NORM_LAYERS, ddp_ignore
 from fastkd.config import Config, ConfigError, OptimConfig, replace
 from fastkd.distillers import build_params, get_distiller_class
 from fastkd.distillers.base import Distiller
@@ -159,7 +160,7 @@ def resolve_lr(optim: OptimConfig, global_batch: int) -> tuple[float, str]:
                 f"{optim.lr_base_size} = {lr:g}")
 
 
-def _param_groups(distiller: Distiller, optim: OptimConfig) -> list[dict]:
+def _optimizer_groups(distiller: Distiller, optim: OptimConfig) -> list[dict]:
     """timm's groups for the student (its `no_weight_decay()` list, layer decay when set), plus
     the method's own trainable parts with the usual rule: no decay on 1-D tensors."""
     student = distiller.student
@@ -188,7 +189,8 @@ def build_optimizer(cfg: Config, distiller: Distiller, lr: float) -> torch.optim
              if value is not None}
     return create_optimizer_v2(distiller, optim.opt, lr=lr, weight_decay=optim.weight_decay,
                                momentum=optim.momentum,
-                               param_group_fn=lambda module: _param_groups(module, optim), **extra)
+                               param_group_fn=lambda module: _optimizer_groups(module, optim),
+                               **extra)
 
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
@@ -223,7 +225,7 @@ def method_buffers(distiller: Distiller) -> list[str]:
     student = {id(b) for b in distiller.student.buffers()}
     names = []
     for prefix, module in distiller.named_modules():
-        if isinstance(module, nn.modules.batchnorm._NormBase):
+        if isinstance(module, NORM_LAYERS):
             continue
         names += [f"{prefix}.{name}" if prefix else name
                   for name, buffer in module.named_buffers(recurse=False)
@@ -238,8 +240,7 @@ def wrap_ddp(distiller: Distiller, world: World) -> nn.Module:
     `method_buffers` (and `average_buffers_` follows what DDP ignores)."""
     if not world.distributed:
         return distiller
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-        distiller, method_buffers(distiller))
+    ddp_ignore(distiller, method_buffers(distiller))
     device_ids = [world.device.index] if world.device.type == "cuda" else None
     return DistributedDataParallel(
         distiller, device_ids=device_ids,

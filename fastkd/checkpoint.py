@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fastkd.compat import ema_rounding_state, restore_ema_rounding_state
 from fastkd.config import Config, ConfigError, config_to_dict, from_dict
 from fastkd.distributed import all_gather_objects
 from fastkd.weight_files import WeightFileError
@@ -114,7 +115,7 @@ def make_checkpoint(*, distiller: nn.Module, optimizer, scheduler, scaler, ema,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "ema": ema.state_dict() if ema is not None else None,
         # ModelEmaV3 rounds bf16 EMA weights stochastically with a private generator
-        "ema_rounding_rng": ema._sr_generator.get_state() if ema is not None else None,
+        "ema_rounding_rng": ema_rounding_state(ema) if ema is not None else None,
         "position": asdict(position),
         "config": config,
         "rng": rng_states,
@@ -151,7 +152,7 @@ def restore_training_state(checkpoint: dict, *, distiller: nn.Module, optimizer,
         if checkpoint["ema"] is None:
             raise WeightFileError("train.ema is on but the checkpoint has no EMA weights")
         ema.load_state_dict(checkpoint["ema"], strict=True)
-        ema._sr_generator.set_state(checkpoint["ema_rounding_rng"])
+        restore_ema_rounding_state(ema, checkpoint["ema_rounding_rng"])
     return TrainPosition(**checkpoint["position"])
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from timm.utils.distributed import world_info_from_env
 
+from fastkd.compat import ddp_ignored
 from fastkd.config import ConfigError
 
 
@@ -129,7 +130,7 @@ def average_buffers_(module: torch.nn.Module, world: World) -> None:
     """
     if not world.distributed:
         return
-    ignored = set(getattr(module, "_ddp_params_and_buffers_to_ignore", ()))
+    ignored = ddp_ignored(module)
     for name, buffer in module.named_buffers():
         if buffer.is_floating_point() and name not in ignored:
             dist.all_reduce(buffer, op=dist.ReduceOp.SUM)

@@ -21,13 +21,15 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_LOGIT_CEILING = 1e30  # +inf logits become this: finite, yet exp(x − ceiling) == 0 for the rest
+from fastkd.loss_conventions import LOGIT_CEILING as _LOGIT_CEILING
+from fastkd.loss_conventions import TopKLogits  # also public here (README, teacher cache)
+from fastkd.loss_conventions import is_zero_weight as _is_zero_weight
 
 
 # --------------------------------------------------------------------------------------------
@@ -60,18 +62,6 @@ def _fused(name: str, x: Tensor) -> Callable | None:
 # --------------------------------------------------------------------------------------------
 # Top-k cached teacher
 # --------------------------------------------------------------------------------------------
-
-class TopKLogits(NamedTuple):
-    """A teacher's logits as the teacher cache stores them (k ≪ K).
-
-    values: B×k top logits (stored dtype); indices: B×k int64 class ids;
-    logsumexp: (B,) fp32 log Σ_k exp(z_t,k) of the FULL teacher logits at T = 1.
-    """
-
-    values: Tensor
-    indices: Tensor
-    logsumexp: Tensor
-
 
 def topk_from_logits(teacher_logits: Tensor, k: int) -> TopKLogits:
     """What the cache stores for a B×K teacher-logit tensor: top-k values/indices + full lse."""
@@ -398,11 +388,6 @@ def feature_mimic_loss(student_map: Tensor, teacher_map: Tensor) -> Tensor:
                         F.normalize(teacher_map.float(), dim=1))
 
 
-def _is_zero_weight(weight: float | Tensor) -> bool:
-    """True only for a Python number equal to 0 (a tensor weight is never skipped)."""
-    return isinstance(weight, (int, float)) and weight == 0
-
-
 def _spatial_dc_term(s: Tensor, t: Tensor) -> Tensor:
     """`Σ (n_c(DC_s) − n_c(DC_t))² / B` with DC = per-channel spatial mean, broadcast.
 
@@ -498,3 +483,139 @@ def hcl_loss(student_map: Tensor, teacher_map: Tensor, levels: tuple[int, ...] =
                                           F.adaptive_avg_pool2d(t, level))
         total_weight += weight
     return loss / total_weight
+
+
+# --------------------------------------------------------------------------------------------
+# Losses of single methods (USKD, CRD, CAKD, SRRL)
+# --------------------------------------------------------------------------------------------
+
+_USKD_RANK_EPS = 1e-6        # cls_KD's stabiliser in the ranking-score denominators
+_USKD_WEAK_LABEL_KEEP = 0.9  # weak head target: 0.9·label + 0.1/K (cls_KD, fixed in the code)
+
+
+def _uskd_targets(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(B×n target classes, B×n label values): integer labels → the label, value 1 (n = 1);
+    soft (mixup) labels → their top-2 classes and values (n = 2), as cls_KD."""
+    if labels.dim() == 2:
+        values, classes = labels.float().topk(2, dim=1)
+        return classes, values
+    classes = labels.long()[:, None]
+    return classes, torch.ones_like(classes, dtype=torch.float32)
+
+
+def _zipf_non_target_labels(scores: Tensor, targets: Tensor) -> Tensor:
+    """B×(K − n) Zipf soft labels over the non-target classes, each row summing to 1.
+
+    Classes are sorted by `scores` (descending) over all K classes, targets included; the
+    class at 1-based rank r gets `1/r`; the target columns are then removed and the rest
+    renormalised (cls_KD `USKDLoss`). Column order is the class order without targets.
+    """
+    batch, num_classes = scores.shape
+    position = scores.argsort(dim=1, descending=True).argsort(dim=1)   # 0-based rank per class
+    zipf = 1.0 / (position + 1).float()
+    keep = torch.ones_like(scores, dtype=torch.bool).scatter_(1, targets, False)
+    zipf = zipf[keep].view(batch, num_classes - targets.shape[1])
+    return zipf / zipf.sum(dim=1, keepdim=True)
+
+
+def uskd_losses(logits: Tensor, weak_logits: Tensor, labels: Tensor, *, mu: float = 0.005,
+                rank_on_log_probs: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """USKD's (L_target, L_non, L_weak) (Yang et al., ICCV 2023; cls_KD `USKDLoss`), batch means.
+
+    With targets `t` (value `v`, `_uskd_targets`), `s = σ(z_s)`, `w = weak_logits`:
+      L_target = −(1/B) Σ_b Σ_t sg[p_t] log s_t,  p_t = s_t² + v − mean_batch(s_t²), 0 where v = 0
+      L_weak   = −(1/B) Σ_b Σ_k μ q_k log σ(w)_k,  q = 0.9·label + 0.1/K
+      score    = σ(w) / (1 − Σ_t σ(w)_t + ε) + ℓ / (1 − Σ_t ℓ_t + ε),  ℓ = log s as shipped
+                 (`rank_on_log_probs`) or s (intent); ε = 1e-6; no gradient
+      L_non    = −(1/B) Σ_b Σ_{j∉t} ẑ_j log σ(z̃_s)_j, ẑ = `_zipf_non_target_labels(score, t)`,
+                 z̃_s the logits without the target columns.
+    The batch mean in p_t is over this process's batch (as cls_KD under DDP: no all-gather).
+    cls_KD already takes log-softmax wherever it needs a log, so the numerics are its own.
+    """
+    logits, weak_logits = logits.float(), weak_logits.float()
+    batch, num_classes = logits.shape
+    targets, values = _uskd_targets(labels)
+
+    log_p = logits.log_softmax(dim=1)
+    log_p_target = log_p.gather(1, targets)
+    with torch.no_grad():
+        sharpened = log_p_target.exp().pow(2)
+        p_target = sharpened + values - sharpened.mean(0, keepdim=True)
+        p_target = torch.where(values == 0, 0.0, p_target)
+    loss_target = -(p_target * log_p_target).sum(dim=1).mean()
+
+    if labels.dim() == 2:
+        weak_label = _USKD_WEAK_LABEL_KEEP * labels.float()
+    else:
+        weak_label = torch.zeros_like(logits).scatter_(1, targets, _USKD_WEAK_LABEL_KEEP)
+    weak_label = weak_label + (1 - _USKD_WEAK_LABEL_KEEP) / num_classes
+    log_w = weak_logits.log_softmax(dim=1)
+    loss_weak = -(mu * weak_label * log_w).sum(dim=1).mean()
+
+    with torch.no_grad():
+        w = log_w.exp()
+        student = log_p if rank_on_log_probs else log_p.exp()
+        scores = (w / (1 - w.gather(1, targets).sum(1, keepdim=True) + _USKD_RANK_EPS)
+                  + student / (1 - student.gather(1, targets).sum(1, keepdim=True)
+                               + _USKD_RANK_EPS))
+        zipf = _zipf_non_target_labels(scores, targets)
+    keep = torch.ones_like(logits, dtype=torch.bool).scatter_(1, targets, False)
+    log_q = logits[keep].view(batch, num_classes - targets.shape[1]).log_softmax(dim=1)
+    loss_non = -(zipf * log_q).sum(dim=1).mean()
+    return loss_target, loss_non, loss_weak
+
+
+_NCE_EPS = 1e-7  # OFAKD's stabiliser in the NCE ratios
+
+
+def nce_loss(scores: Tensor, num_samples: int, valid: Tensor | None = None) -> Tensor:
+    """CRD's NCE loss for one side (Tian et al., ICLR 2020; OFAKD `ContrastLoss`), from
+    B×(1+K) normalised scores P (column 0: the positive, then K negatives), noise P_n = 1/N:
+
+    `L = −(1/B) [Σ_b log(P⁺ / (P⁺ + K·P_n + ε)) + Σ_{b,j} log(K·P_n / (P⁻ + K·P_n + ε))]`.
+
+    `valid` (B bools) leaves out padded samples (dataset index −1), whose positive row is
+    unknown; B stays the batch size.
+    """
+    scores = scores.float()
+    noise = (scores.shape[1] - 1) / num_samples   # K·P_n
+    positive = torch.log(scores[:, 0] / (scores[:, 0] + noise + _NCE_EPS))
+    per_sample = positive + torch.log(noise / (scores[:, 1:] + noise + _NCE_EPS)).sum(dim=1)
+    if valid is not None:
+        per_sample = torch.where(valid, per_sample, 0.0)
+    return -per_sample.sum() / scores.shape[0]
+
+
+def _mse(a: Tensor, b: Tensor) -> Tensor:
+    """Element-mean MSE in fp32."""
+    return F.mse_loss(a.float(), b.float())
+
+
+def cakd_pca_loss(student_qk: Tensor, teacher_qk: Tensor, student_vv: Tensor,
+                  teacher_vv: Tensor, qk_weight: float = 0.2, vv_weight: float = 0.05) -> Tensor:
+    """CAKD's partially cross attention loss (Liu et al., ACCV 2022, L_PCA; CrossArch_KD):
+    `qk_weight·MSE(S_qk, A_qk) + vv_weight·MSE(S_vv, A_vv)`, MSE = element mean, on the
+    head-averaged B×L×L attention logits of the student projector (S) and the teacher (A)."""
+    return qk_weight * _mse(student_qk, teacher_qk) + vv_weight * _mse(student_vv, teacher_vv)
+
+
+def cakd_gl_loss(student_logits: Tensor, teacher_logits: Tensor, student_cls: Tensor,
+                 teacher_cls: Tensor, student_patches: Tensor, teacher_patches: Tensor,
+                 logit_weight: float = 1.0, cls_weight: float = 1.0,
+                 patch_weight: float = 0.05) -> Tensor:
+    """CAKD's group-wise linear loss (Liu et al., ACCV 2022, L_GL; CrossArch_KD):
+    `logit_weight·MSE(z_s, z_t) + cls_weight·MSE(cls_s, cls_t) + patch_weight·MSE(P_s, P_t)`,
+    MSE = element mean: logits, the projected pooled student feature against the teacher's
+    class token, and the group-projected student tokens against the teacher's patch tokens."""
+    return (logit_weight * _mse(student_logits, teacher_logits)
+            + cls_weight * _mse(student_cls, teacher_cls)
+            + patch_weight * _mse(student_patches, teacher_patches))
+
+
+def srrl_losses(student_feature: Tensor, teacher_feature: Tensor, regressed_logits: Tensor,
+                teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
+    """SRRL's (L_fm, L_sr) (Yang et al., ICLR 2021; cls_KD `SRRLLoss`), each an
+    element-mean MSE: the aligned pooled student feature against the teacher's pooled feature,
+    and the teacher classifier's logits on that student feature (`regressed_logits`) against
+    the teacher's own logits."""
+    return _mse(student_feature, teacher_feature), _mse(regressed_logits, teacher_logits)

@@ -3,8 +3,9 @@
 `FUSED` maps the names that `fastkd.losses._fused` looks up to callables with the signature of
 the eager loss of the same name (positional arguments in the same order). Each returns a
 scalar fp32 tensor whose gradient flows to the student only; a logit teacher may be a tensor
-or a `fastkd.losses.TopKLogits`. Each kernel file holds one fused op: its Triton kernels, the
-host launcher and the `autograd.Function`; the wrappers below only adapt signatures.
+or a `fastkd.losses.TopKLogits`. The logit losses share one skeleton (`row_loss.py`: kernels,
+launcher, `autograd.Function`) and each of kd.py, dkd.py, nkd.py, ofa.py supplies its
+formulas; freq.py holds the feature op whole. The wrappers below only adapt signatures.
 """
 from __future__ import annotations
 
@@ -13,36 +14,38 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from fastkd.kernels.dkd import DKDFunction
+from fastkd.kernels.dkd import DKD
 from fastkd.kernels.freq import MAX_POSITIONS, FreqTermsFunction
-from fastkd.kernels.kd import KDFunction
-from fastkd.kernels.nkd import NKDFunction
-from fastkd.kernels.ofa import OFAFunction
-from fastkd.losses import TopKLogits, _is_zero_weight
+from fastkd.kernels.kd import KD
+from fastkd.kernels.nkd import NKD
+from fastkd.kernels.ofa import OFA
+from fastkd.kernels.row_loss import RowLossFunction
+from fastkd.loss_conventions import TopKLogits, is_zero_weight
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor | TopKLogits,
             temperature: float = 1.0) -> Tensor:
     """Fused `fastkd.losses.kd_loss`."""
-    return KDFunction.apply(student_logits, teacher_logits, temperature)
+    return RowLossFunction.apply(KD, student_logits, teacher_logits, None, temperature)
 
 
 def dkd_loss(student_logits: Tensor, teacher_logits: Tensor | TopKLogits, target: Tensor,
              alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0) -> Tensor:
     """Fused `fastkd.losses.dkd_loss`."""
-    return DKDFunction.apply(student_logits, teacher_logits, target, alpha, beta, temperature)
+    return RowLossFunction.apply(DKD, student_logits, teacher_logits, target, temperature, alpha,
+                                 beta)
 
 
 def nkd_loss(student_logits: Tensor, teacher_logits: Tensor | TopKLogits, target: Tensor,
              temperature: float = 1.0, gamma: float = 1.5) -> Tensor:
     """Fused `fastkd.losses.nkd_loss`."""
-    return NKDFunction.apply(student_logits, teacher_logits, target, temperature, gamma)
+    return RowLossFunction.apply(NKD, student_logits, teacher_logits, target, temperature, gamma)
 
 
 def ofa_loss(student_logits: Tensor, teacher_logits: Tensor | TopKLogits, target: Tensor,
              eps: float = 1.0, temperature: float = 1.0) -> Tensor:
     """Fused `fastkd.losses.ofa_loss`."""
-    return OFAFunction.apply(student_logits, teacher_logits, target, eps, temperature)
+    return RowLossFunction.apply(OFA, student_logits, teacher_logits, target, temperature, eps)
 
 
 def feature_mimic_loss(student_map: Tensor, teacher_map: Tensor) -> Tensor:
@@ -57,7 +60,7 @@ def freq_decoupled_loss(student_map: Tensor, teacher_map: Tensor, dc_weight: flo
     term inside the kernel, as eager skips it."""
     if dim not in ("spatial", "channel"):
         raise ValueError(f"dim must be 'spatial' or 'channel', got {dim!r}")
-    has_dc, has_ac = not _is_zero_weight(dc_weight), not _is_zero_weight(ac_weight)
+    has_dc, has_ac = not is_zero_weight(dc_weight), not is_zero_weight(ac_weight)
     if not (has_dc or has_ac):
         return student_map.new_zeros((), dtype=torch.float32)
     terms = FreqTermsFunction.apply(student_map, teacher_map, dim, has_dc, has_ac)

@@ -54,38 +54,118 @@ def _unit_gradient(a, b, inv_n, inv_m, kappa):
 
 
 @triton.jit
-def _load_tile(base_ptr, channels, channel_stride, position_offsets, mask):
-    """[BLOCK_C, BLOCK_HW] fp32 tile of one sample's map, 0 where masked."""
-    ptrs = base_ptr + channels[:, None] * channel_stride + position_offsets[None, :]
-    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+def _sample_grid(height, width, BLOCK_HW: tl.constexpr):
+    """This program's sample b, H·W, and the flattened positions p = h·W + w (and which exist)."""
+    positions = tl.arange(0, BLOCK_HW)
+    return tl.program_id(0).to(tl.int64), height * width, positions, positions < height * width
 
 
 @triton.jit
-def _position_offsets(positions, width, h_stride, w_stride):
-    """Memory offsets of flattened positions p = h·W + w."""
-    return (positions // width) * h_stride + (positions % width) * w_stride
+def _sample_map(ptr, b_stride, c_stride, h_stride, w_stride, b, positions, width):
+    """Sample b of a B×C×H×W map: (its base pointer, channel stride, position offsets)."""
+    offsets = (positions // width) * h_stride + (positions % width) * w_stride
+    return ptr + b * b_stride, c_stride, offsets
 
 
 @triton.jit
-def _spatial_forward_kernel(
+def _channel_block(c0, channels, position_valid, BLOCK_C: tl.constexpr):
+    """Channels c0 … c0 + BLOCK_C − 1, which exist, and the mask of their [BLOCK_C, HW] tile."""
+    channel = c0 + tl.arange(0, BLOCK_C)
+    channel_valid = channel < channels
+    return channel, channel_valid, channel_valid[:, None] & position_valid[None, :]
+
+
+@triton.jit
+def _tile_pointers(sample_map, channel):
+    base, channel_stride, offsets = sample_map
+    return base + channel[:, None] * channel_stride + offsets[None, :]
+
+
+@triton.jit
+def _load_tiles(student, teacher, channel, mask):
+    """[BLOCK_C, BLOCK_HW] fp32 tiles of the student's and the teacher's map, 0 where masked."""
+    a_s = tl.load(_tile_pointers(student, channel), mask=mask, other=0.0).to(tl.float32)
+    a_t = tl.load(_tile_pointers(teacher, channel), mask=mask, other=0.0).to(tl.float32)
+    return a_s, a_t
+
+
+@triton.jit
+def _store_tile(grad, channel, mask, value):
+    pointers = _tile_pointers(grad, channel)
+    tl.store(pointers, value.to(pointers.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _centred(a_s, a_t, mean_s, mean_t, mask):
+    """The tiles minus their broadcast means, 0 where masked."""
+    return tl.where(mask, a_s - mean_s, 0.0), tl.where(mask, a_t - mean_t, 0.0)
+
+
+@triton.jit
+def _store_triple(ptr, first, second, third, mask):
+    tl.store(ptr, first, mask=mask)
+    tl.store(ptr + 1, second, mask=mask)
+    tl.store(ptr + 2, third, mask=mask)
+
+
+@triton.jit
+def _load_triple(ptr, mask):
+    return (tl.load(ptr, mask=mask, other=0.0), tl.load(ptr + 1, mask=mask, other=0.0),
+            tl.load(ptr + 2, mask=mask, other=0.0))
+
+
+@triton.jit
+def _freq_kernel(
     s_ptr, s_b_stride, s_c_stride, s_h_stride, s_w_stride,
     t_ptr, t_b_stride, t_c_stride, t_h_stride, t_w_stride,
+    g_ptr, g_b_stride, g_c_stride, g_h_stride, g_w_stride,
     terms_ptr, position_stats_ptr, sample_stats_ptr, channels, height, width, inv_batch,
-    REMOVE_MEAN: tl.constexpr, HAS_DC: tl.constexpr, HAS_AC: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    BACKWARD: tl.constexpr, CHANNEL: tl.constexpr, REMOVE_MEAN: tl.constexpr,
+    HAS_DC: tl.constexpr, HAS_AC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    """Per sample b (n_c = unit vector over channels at each position, μ = mean over H, W):
+    """Sample b of the feature loss (`_channel_*` if CHANNEL, else `_spatial_*`). Forward:
+    terms[b] = [DC_b/B, AC_b/B] and the statistics the backward needs (the g map unused).
+    BACKWARD: g = ∂(g_dc·DC + g_ac·AC)/∂X_s with terms = [g_dc, g_ac]."""
+    b, hw, positions, position_valid = _sample_grid(height, width, BLOCK_HW)
+    student = _sample_map(s_ptr, s_b_stride, s_c_stride, s_h_stride, s_w_stride, b, positions,
+                          width)
+    teacher = _sample_map(t_ptr, t_b_stride, t_c_stride, t_h_stride, t_w_stride, b, positions,
+                          width)
+    position_stats = position_stats_ptr + (b * hw + positions) * 3
+    sample_stats = sample_stats_ptr + b * 3
+    if BACKWARD:
+        maps = (student, teacher, _sample_map(g_ptr, g_b_stride, g_c_stride, g_h_stride,
+                                              g_w_stride, b, positions, width))
+        scales = (tl.load(terms_ptr) * inv_batch, tl.load(terms_ptr + 1) * inv_batch)
+        if CHANNEL:
+            _channel_gradient(maps, scales, position_stats, sample_stats, position_valid,
+                              channels, HAS_DC, HAS_AC, BLOCK_C, BLOCK_HW)
+        else:
+            _spatial_gradient(maps, scales, position_stats, sample_stats, hw, position_valid,
+                              channels, REMOVE_MEAN, HAS_DC, HAS_AC, BLOCK_C, BLOCK_HW)
+    else:
+        if CHANNEL:
+            dc, ac = _channel_terms(student, teacher, position_stats, sample_stats,
+                                    position_valid, channels, HAS_DC, HAS_AC, BLOCK_C, BLOCK_HW)
+        else:
+            dc, ac = _spatial_terms(student, teacher, position_stats, sample_stats, hw,
+                                    position_valid, channels, REMOVE_MEAN, HAS_DC, HAS_AC,
+                                    BLOCK_C, BLOCK_HW)
+        tl.store(terms_ptr + b * 2, dc * inv_batch)
+        tl.store(terms_ptr + b * 2 + 1, ac * inv_batch)
+
+
+@triton.jit
+def _spatial_terms(student, teacher, position_stats, sample_stats, hw, position_valid,
+                   channels, REMOVE_MEAN: tl.constexpr, HAS_DC: tl.constexpr,
+                   HAS_AC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """(DC_b, AC_b) of sample b (n_c = unit vector over channels at each position, μ = mean
+    over H, W):
 
         AC_b = Σ_p ‖n_c(a_s)_p − n_c(a_t)_p‖²,  a = X − μ (REMOVE_MEAN) or X (direct view)
         DC_b = HW · ‖unit(μ_s) − unit(μ_t)‖²
-    terms[b] = [DC_b/B, AC_b/B]; saved: (1/N, 1/M, κ) per position and for the DC vectors.
+    Saved: (1/N, 1/M, κ) per position and for the DC vectors.
     """
-    b = tl.program_id(0).to(tl.int64)
-    hw = height * width
-    positions = tl.arange(0, BLOCK_HW)
-    position_valid = positions < hw
-    s_offsets = _position_offsets(positions, width, s_h_stride, s_w_stride)
-    t_offsets = _position_offsets(positions, width, t_h_stride, t_w_stride)
     ss = tl.zeros([BLOCK_HW], tl.float32)
     tt = tl.zeros([BLOCK_HW], tl.float32)
     st = tl.zeros([BLOCK_HW], tl.float32)
@@ -93,15 +173,12 @@ def _spatial_forward_kernel(
     dc_tt = 0.0
     dc_st = 0.0
     for c0 in range(0, channels, BLOCK_C):
-        channel = c0 + tl.arange(0, BLOCK_C)
-        mask = (channel < channels)[:, None] & position_valid[None, :]
-        a_s = _load_tile(s_ptr + b * s_b_stride, channel, s_c_stride, s_offsets, mask)
-        a_t = _load_tile(t_ptr + b * t_b_stride, channel, t_c_stride, t_offsets, mask)
+        channel, _, mask = _channel_block(c0, channels, position_valid, BLOCK_C)
+        a_s, a_t = _load_tiles(student, teacher, channel, mask)
         if REMOVE_MEAN:
             mu_s = tl.sum(a_s, 1) / hw
             mu_t = tl.sum(a_t, 1) / hw
-            a_s = tl.where(mask, a_s - mu_s[:, None], 0.0)
-            a_t = tl.where(mask, a_t - mu_t[:, None], 0.0)
+            a_s, a_t = _centred(a_s, a_t, mu_s[:, None], mu_t[:, None], mask)
             if HAS_DC:
                 dc_ss += tl.sum(mu_s * mu_s, 0)
                 dc_tt += tl.sum(mu_t * mu_t, 0)
@@ -114,62 +191,39 @@ def _spatial_forward_kernel(
     if HAS_AC:
         inv_n, inv_m, kappa, distance = _unit_distance(ss, tt, st)
         ac = tl.sum(tl.where(position_valid, distance, 0.0), 0)
-        stats = position_stats_ptr + (b * hw + positions) * 3
-        tl.store(stats, inv_n, mask=position_valid)
-        tl.store(stats + 1, inv_m, mask=position_valid)
-        tl.store(stats + 2, kappa, mask=position_valid)
+        _store_triple(position_stats, inv_n, inv_m, kappa, position_valid)
     dc = 0.0
     if HAS_DC:
         inv_n_dc, inv_m_dc, kappa_dc, distance_dc = _unit_distance(dc_ss, dc_tt, dc_st)
         dc = hw * distance_dc
-        tl.store(sample_stats_ptr + b * 3, inv_n_dc)
-        tl.store(sample_stats_ptr + b * 3 + 1, inv_m_dc)
-        tl.store(sample_stats_ptr + b * 3 + 2, kappa_dc)
-    tl.store(terms_ptr + b * 2, dc * inv_batch)
-    tl.store(terms_ptr + b * 2 + 1, ac * inv_batch)
+        _store_triple(sample_stats, inv_n_dc, inv_m_dc, kappa_dc, True)
+    return dc, ac
 
 
 @triton.jit
-def _spatial_backward_kernel(
-    s_ptr, s_b_stride, s_c_stride, s_h_stride, s_w_stride,
-    t_ptr, t_b_stride, t_c_stride, t_h_stride, t_w_stride,
-    g_ptr, g_b_stride, g_c_stride, g_h_stride, g_w_stride,
-    grad_terms_ptr, position_stats_ptr, sample_stats_ptr, channels, height, width, inv_batch,
-    REMOVE_MEAN: tl.constexpr, HAS_DC: tl.constexpr, HAS_AC: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
-):
+def _spatial_gradient(maps, scales, position_stats, sample_stats, hw, position_valid,
+                      channels, REMOVE_MEAN: tl.constexpr, HAS_DC: tl.constexpr,
+                      HAS_AC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     """∂/∂X_s[c, p] = g_ac/B · (G[c, p] − mean_p G[c, ·]) + g_dc/B · D[c]
         G = ∂AC/∂a_s (`_unit_gradient` per position; no mean removed in the direct view),
         D = 2/N · (μ_s/N · κ − μ_t/M)  (∂DC/∂μ_s / HW, the same at every position)."""
-    b = tl.program_id(0).to(tl.int64)
-    hw = height * width
-    positions = tl.arange(0, BLOCK_HW)
-    position_valid = positions < hw
-    s_offsets = _position_offsets(positions, width, s_h_stride, s_w_stride)
-    t_offsets = _position_offsets(positions, width, t_h_stride, t_w_stride)
-    g_offsets = _position_offsets(positions, width, g_h_stride, g_w_stride)
-    dc_scale = tl.load(grad_terms_ptr) * inv_batch
-    ac_scale = tl.load(grad_terms_ptr + 1) * inv_batch
+    student, teacher, grad_map = maps
+    dc_scale, ac_scale = scales
     if HAS_AC:
-        stats = position_stats_ptr + (b * hw + positions) * 3
-        inv_n = tl.load(stats, mask=position_valid, other=0.0)[None, :]
-        inv_m = tl.load(stats + 1, mask=position_valid, other=0.0)[None, :]
-        kappa = tl.load(stats + 2, mask=position_valid, other=0.0)[None, :]
+        inv_n, inv_m, kappa = _load_triple(position_stats, position_valid)
+        inv_n = inv_n[None, :]
+        inv_m = inv_m[None, :]
+        kappa = kappa[None, :]
     if HAS_DC:
-        inv_n_dc = tl.load(sample_stats_ptr + b * 3)
-        inv_m_dc = tl.load(sample_stats_ptr + b * 3 + 1)
-        kappa_dc = tl.load(sample_stats_ptr + b * 3 + 2)
+        inv_n_dc, inv_m_dc, kappa_dc = _load_triple(sample_stats, True)
     for c0 in range(0, channels, BLOCK_C):
-        channel = c0 + tl.arange(0, BLOCK_C)
-        mask = (channel < channels)[:, None] & position_valid[None, :]
-        a_s = _load_tile(s_ptr + b * s_b_stride, channel, s_c_stride, s_offsets, mask)
-        a_t = _load_tile(t_ptr + b * t_b_stride, channel, t_c_stride, t_offsets, mask)
+        channel, _, mask = _channel_block(c0, channels, position_valid, BLOCK_C)
+        a_s, a_t = _load_tiles(student, teacher, channel, mask)
         grad = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
         if REMOVE_MEAN:
             mu_s = tl.sum(a_s, 1) / hw
             mu_t = tl.sum(a_t, 1) / hw
-            a_s = tl.where(mask, a_s - mu_s[:, None], 0.0)
-            a_t = tl.where(mask, a_t - mu_t[:, None], 0.0)
+            a_s, a_t = _centred(a_s, a_t, mu_s[:, None], mu_t[:, None], mask)
             if HAS_DC:
                 dc_grad = _unit_gradient(mu_s, mu_t, inv_n_dc, inv_m_dc, kappa_dc)
                 grad += dc_scale * dc_grad[:, None]
@@ -178,37 +232,28 @@ def _spatial_backward_kernel(
             if REMOVE_MEAN:
                 ac_grad = ac_grad - (tl.sum(ac_grad, 1) / hw)[:, None]
             grad += ac_scale * ac_grad
-        ptrs = (g_ptr + b * g_b_stride + channel[:, None] * g_c_stride + g_offsets[None, :])
-        tl.store(ptrs, grad.to(g_ptr.dtype.element_ty), mask=mask)
+        _store_tile(grad_map, channel, mask, grad)
 
 
 @triton.jit
-def _channel_forward_kernel(
-    s_ptr, s_b_stride, s_c_stride, s_h_stride, s_w_stride,
-    t_ptr, t_b_stride, t_c_stride, t_h_stride, t_w_stride,
-    terms_ptr, position_stats_ptr, sample_stats_ptr, channels, height, width, inv_batch,
-    HAS_DC: tl.constexpr, HAS_AC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
-):
-    """Per sample b (ν = mean over channels at each position, n_p = unit map over HW):
+def _channel_terms(student, teacher, position_stats, sample_stats, position_valid, channels,
+                   HAS_DC: tl.constexpr, HAS_AC: tl.constexpr, BLOCK_C: tl.constexpr,
+                   BLOCK_HW: tl.constexpr):
+    """(DC_b, AC_b) of sample b (ν = mean over channels at each position, n_p = unit map over
+    HW):
 
         DC_b = C · ‖unit(ν_s) − unit(ν_t)‖²,   AC_b = Σ_c ‖n_p(a_s)_c − n_p(a_t)_c‖², a = X − ν
     Pass 1 sums ν; pass 2 the per-channel norms, AC and the column sums Σ_c G[c, p] of the AC
     gradient (the mean over channels passes them back). Saved: ν_s, ν_t, Σ_c G per position;
     (1/N, 1/M, κ) of the DC maps.
     """
-    b = tl.program_id(0).to(tl.int64)
-    hw = height * width
-    positions = tl.arange(0, BLOCK_HW)
-    position_valid = positions < hw
-    s_offsets = _position_offsets(positions, width, s_h_stride, s_w_stride)
-    t_offsets = _position_offsets(positions, width, t_h_stride, t_w_stride)
     nu_s = tl.zeros([BLOCK_HW], tl.float32)
     nu_t = tl.zeros([BLOCK_HW], tl.float32)
     for c0 in range(0, channels, BLOCK_C):
-        channel = c0 + tl.arange(0, BLOCK_C)
-        mask = (channel < channels)[:, None] & position_valid[None, :]
-        nu_s += tl.sum(_load_tile(s_ptr + b * s_b_stride, channel, s_c_stride, s_offsets, mask), 0)
-        nu_t += tl.sum(_load_tile(t_ptr + b * t_b_stride, channel, t_c_stride, t_offsets, mask), 0)
+        channel, _, mask = _channel_block(c0, channels, position_valid, BLOCK_C)
+        a_s, a_t = _load_tiles(student, teacher, channel, mask)
+        nu_s += tl.sum(a_s, 0)
+        nu_t += tl.sum(a_t, 0)
     nu_s = nu_s / channels
     nu_t = nu_t / channels
     dc = 0.0
@@ -216,76 +261,48 @@ def _channel_forward_kernel(
         inv_n_dc, inv_m_dc, kappa_dc, distance_dc = _unit_distance(
             tl.sum(nu_s * nu_s, 0), tl.sum(nu_t * nu_t, 0), tl.sum(nu_s * nu_t, 0))
         dc = channels * distance_dc
-        tl.store(sample_stats_ptr + b * 3, inv_n_dc)
-        tl.store(sample_stats_ptr + b * 3 + 1, inv_m_dc)
-        tl.store(sample_stats_ptr + b * 3 + 2, kappa_dc)
+        _store_triple(sample_stats, inv_n_dc, inv_m_dc, kappa_dc, True)
     ac = 0.0
     column_sum = tl.zeros([BLOCK_HW], tl.float32)
     if HAS_AC:
         for c0 in range(0, channels, BLOCK_C):
-            channel = c0 + tl.arange(0, BLOCK_C)
-            channel_valid = channel < channels
-            mask = channel_valid[:, None] & position_valid[None, :]
-            a_s = _load_tile(s_ptr + b * s_b_stride, channel, s_c_stride, s_offsets, mask)
-            a_t = _load_tile(t_ptr + b * t_b_stride, channel, t_c_stride, t_offsets, mask)
-            a_s = tl.where(mask, a_s - nu_s[None, :], 0.0)
-            a_t = tl.where(mask, a_t - nu_t[None, :], 0.0)
+            channel, channel_valid, mask = _channel_block(c0, channels, position_valid, BLOCK_C)
+            a_s, a_t = _load_tiles(student, teacher, channel, mask)
+            a_s, a_t = _centred(a_s, a_t, nu_s[None, :], nu_t[None, :], mask)
             inv_n, inv_m, kappa, distance = _unit_distance(
                 tl.sum(a_s * a_s, 1), tl.sum(a_t * a_t, 1), tl.sum(a_s * a_t, 1))
             ac += tl.sum(tl.where(channel_valid, distance, 0.0), 0)
             ac_grad = _unit_gradient(a_s, a_t, inv_n[:, None], inv_m[:, None], kappa[:, None])
             column_sum += tl.sum(tl.where(mask, ac_grad, 0.0), 0)
-    stats = position_stats_ptr + (b * hw + positions) * 3
-    tl.store(stats, nu_s, mask=position_valid)
-    tl.store(stats + 1, nu_t, mask=position_valid)
-    tl.store(stats + 2, column_sum, mask=position_valid)
-    tl.store(terms_ptr + b * 2, dc * inv_batch)
-    tl.store(terms_ptr + b * 2 + 1, ac * inv_batch)
+    _store_triple(position_stats, nu_s, nu_t, column_sum, position_valid)
+    return dc, ac
 
 
 @triton.jit
-def _channel_backward_kernel(
-    s_ptr, s_b_stride, s_c_stride, s_h_stride, s_w_stride,
-    t_ptr, t_b_stride, t_c_stride, t_h_stride, t_w_stride,
-    g_ptr, g_b_stride, g_c_stride, g_h_stride, g_w_stride,
-    grad_terms_ptr, position_stats_ptr, sample_stats_ptr, channels, height, width, inv_batch,
-    HAS_DC: tl.constexpr, HAS_AC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
-):
+def _channel_gradient(maps, scales, position_stats, sample_stats, position_valid, channels,
+                      HAS_DC: tl.constexpr, HAS_AC: tl.constexpr, BLOCK_C: tl.constexpr,
+                      BLOCK_HW: tl.constexpr):
     """∂/∂X_s[c, p] = g_ac/B · (G[c, p] − Σ_c' G[c', p] / C) + g_dc/B · D[p]
         G = ∂AC/∂a_s (`_unit_gradient` per channel, over HW), D = 2/N · (ν_s/N · κ − ν_t/M)."""
-    b = tl.program_id(0).to(tl.int64)
-    hw = height * width
-    positions = tl.arange(0, BLOCK_HW)
-    position_valid = positions < hw
-    s_offsets = _position_offsets(positions, width, s_h_stride, s_w_stride)
-    t_offsets = _position_offsets(positions, width, t_h_stride, t_w_stride)
-    g_offsets = _position_offsets(positions, width, g_h_stride, g_w_stride)
-    dc_scale = tl.load(grad_terms_ptr) * inv_batch
-    ac_scale = tl.load(grad_terms_ptr + 1) * inv_batch
-    stats = position_stats_ptr + (b * hw + positions) * 3
-    nu_s = tl.load(stats, mask=position_valid, other=0.0)
-    nu_t = tl.load(stats + 1, mask=position_valid, other=0.0)
-    column_mean = tl.load(stats + 2, mask=position_valid, other=0.0) / channels
+    student, teacher, grad_map = maps
+    dc_scale, ac_scale = scales
+    nu_s, nu_t, column_sum = _load_triple(position_stats, position_valid)
+    column_mean = column_sum / channels
     dc_grad = tl.zeros([BLOCK_HW], tl.float32)
     if HAS_DC:
-        dc_grad = _unit_gradient(nu_s, nu_t, tl.load(sample_stats_ptr + b * 3),
-                                 tl.load(sample_stats_ptr + b * 3 + 1),
-                                 tl.load(sample_stats_ptr + b * 3 + 2))
+        inv_n_dc, inv_m_dc, kappa_dc = _load_triple(sample_stats, True)
+        dc_grad = _unit_gradient(nu_s, nu_t, inv_n_dc, inv_m_dc, kappa_dc)
     for c0 in range(0, channels, BLOCK_C):
-        channel = c0 + tl.arange(0, BLOCK_C)
-        mask = (channel < channels)[:, None] & position_valid[None, :]
+        channel, _, mask = _channel_block(c0, channels, position_valid, BLOCK_C)
         grad = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32) + dc_scale * dc_grad[None, :]
         if HAS_AC:
-            a_s = _load_tile(s_ptr + b * s_b_stride, channel, s_c_stride, s_offsets, mask)
-            a_t = _load_tile(t_ptr + b * t_b_stride, channel, t_c_stride, t_offsets, mask)
-            a_s = tl.where(mask, a_s - nu_s[None, :], 0.0)
-            a_t = tl.where(mask, a_t - nu_t[None, :], 0.0)
+            a_s, a_t = _load_tiles(student, teacher, channel, mask)
+            a_s, a_t = _centred(a_s, a_t, nu_s[None, :], nu_t[None, :], mask)
             inv_n, inv_m, kappa, _ = _unit_distance(
                 tl.sum(a_s * a_s, 1), tl.sum(a_t * a_t, 1), tl.sum(a_s * a_t, 1))
             ac_grad = _unit_gradient(a_s, a_t, inv_n[:, None], inv_m[:, None], kappa[:, None])
             grad += ac_scale * (ac_grad - column_mean[None, :])
-        ptrs = (g_ptr + b * g_b_stride + channel[:, None] * g_c_stride + g_offsets[None, :])
-        tl.store(ptrs, grad.to(g_ptr.dtype.element_ty), mask=mask)
+        _store_tile(grad_map, channel, mask, grad)
 
 
 def _tile_config(channels: int, positions: int, mode: str) -> tuple[int, int, int]:
@@ -300,26 +317,31 @@ def _tile_config(channels: int, positions: int, mode: str) -> tuple[int, int, in
     return block_c, block_hw, min(max(block_c * block_hw // 256, 1), 8)
 
 
-def _map_args(x: Tensor) -> list:
-    return [x, *x.stride()]
+def _launch(student_map: Tensor, teacher_map: Tensor, grad: Tensor | None, terms: Tensor,
+            position_stats: Tensor, sample_stats: Tensor, mode: str, has_dc: bool,
+            has_ac: bool) -> None:
+    """`_freq_kernel` over the samples; backward when `grad` is given (`terms` then holds
+    [g_dc, g_ac]), forward otherwise (the student map stands in for the unused g map)."""
+    batch, channels, height, width = student_map.shape
+    block_c, block_hw, num_warps = _tile_config(channels, height * width, mode)
+    g_map = grad if grad is not None else student_map
+    _freq_kernel[(batch,)](
+        student_map, *student_map.stride(), teacher_map, *teacher_map.stride(), g_map,
+        *g_map.stride(), terms, position_stats, sample_stats, channels, height, width,
+        1.0 / batch, BACKWARD=grad is not None, CHANNEL=mode == "channel",
+        REMOVE_MEAN=mode == "spatial", HAS_DC=has_dc, HAS_AC=has_ac, BLOCK_C=block_c,
+        BLOCK_HW=block_hw, num_warps=num_warps)
 
 
 def freq_forward(student_map: Tensor, teacher_map: Tensor, mode: str, has_dc: bool,
                  has_ac: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Unweighted terms [DC, AC] (fp32, each Σ/B) and the statistics the backward needs."""
-    batch, channels, height, width = student_map.shape
-    block_c, block_hw, num_warps = _tile_config(channels, height * width, mode)
+    batch, _, height, width = student_map.shape
     rows = student_map.new_empty((batch, 2), dtype=torch.float32)
     position_stats = student_map.new_empty((batch, height * width, 3), dtype=torch.float32)
     sample_stats = student_map.new_empty((batch, 3), dtype=torch.float32)
-    args = [*_map_args(student_map), *_map_args(teacher_map), rows, position_stats,
-            sample_stats, channels, height, width, 1.0 / batch]
-    meta = dict(HAS_DC=has_dc, HAS_AC=has_ac, BLOCK_C=block_c, BLOCK_HW=block_hw,
-                num_warps=num_warps)
-    if mode == "channel":
-        _channel_forward_kernel[(batch,)](*args, **meta)
-    else:
-        _spatial_forward_kernel[(batch,)](*args, REMOVE_MEAN=mode == "spatial", **meta)
+    _launch(student_map, teacher_map, None, rows, position_stats, sample_stats, mode, has_dc,
+            has_ac)
     return rows.sum(dim=0), position_stats, sample_stats
 
 
@@ -327,18 +349,9 @@ def freq_backward(grad_terms: Tensor, student_map: Tensor, teacher_map: Tensor,
                   position_stats: Tensor, sample_stats: Tensor, mode: str, has_dc: bool,
                   has_ac: bool) -> Tensor:
     """∂(g_dc·DC + g_ac·AC)/∂student_map, in the student's dtype and memory layout."""
-    batch, channels, height, width = student_map.shape
-    block_c, block_hw, num_warps = _tile_config(channels, height * width, mode)
     grad = torch.empty_like(student_map)
-    args = [*_map_args(student_map), *_map_args(teacher_map), *_map_args(grad),
-            grad_terms.contiguous(), position_stats, sample_stats, channels, height, width,
-            1.0 / batch]
-    meta = dict(HAS_DC=has_dc, HAS_AC=has_ac, BLOCK_C=block_c, BLOCK_HW=block_hw,
-                num_warps=num_warps)
-    if mode == "channel":
-        _channel_backward_kernel[(batch,)](*args, **meta)
-    else:
-        _spatial_backward_kernel[(batch,)](*args, REMOVE_MEAN=mode == "spatial", **meta)
+    _launch(student_map, teacher_map, grad, grad_terms.contiguous(), position_stats,
+            sample_stats, mode, has_dc, has_ac)
     return grad
 
 

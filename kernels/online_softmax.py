@@ -18,7 +18,7 @@ materialised; the correction touches k gathered student logits. Infinite values 
 logit under a live teacher weight) are counted apart, so a correction never computes inf − inf.
 
 Conventions follow `fastkd.losses`: logits are divided by T in fp32, +inf is clamped to its
-`_LOGIT_CEILING`, −inf is a class of probability 0, and a zero weight contributes 0 even against
+`LOGIT_CEILING`, −inf is a class of probability 0, and a zero weight contributes 0 even against
 a −inf log-probability.
 """
 from __future__ import annotations
@@ -26,11 +26,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch import Tensor
 
-from fastkd.losses import _LOGIT_CEILING, TopKLogits
+from fastkd import loss_conventions
 
-LOGIT_CEILING = tl.constexpr(_LOGIT_CEILING)
+LOGIT_CEILING = tl.constexpr(loss_conventions.LOGIT_CEILING)
 NO_MAX = tl.constexpr(-1e38)  # running-max start: finite, so that (m_new − m_old) stays finite
 FP32_TINY = tl.constexpr(torch.finfo(torch.float32).tiny)
 MAX_BLOCK = 4096  # columns per block: 2–4 fp32 row blocks live in registers per program
@@ -61,6 +60,19 @@ def scale_logits(z, temperature):
 def clamp_passes_gradient(z, temperature):
     """Where `clamp(z/T, max=ceiling)` lets a gradient through (torch: z/T ≤ ceiling)."""
     return tl.div_rn(z, temperature) <= LOGIT_CEILING
+
+
+@triton.jit
+def empty_logsumexp():
+    """The (m, z) state of `online_logsumexp` before any column."""
+    return tl.full((), NO_MAX, tl.float32), tl.zeros((), tl.float32)
+
+
+@triton.jit
+def empty_weighted_sum():
+    """The (c, w, n_inf, m_a) state of `online_weighted_sum` before any column."""
+    m_a, w = empty_logsumexp()
+    return tl.zeros((), tl.float32), w, tl.zeros((), tl.float32), m_a
 
 
 @triton.jit
@@ -209,32 +221,3 @@ def load_teacher_block(teacher_row_ptr, cols, col_stride, mask, tail, temperatur
     else:
         block = scale_logits(load_row_block(teacher_row_ptr, cols, col_stride, mask), temperature)
     return block
-
-
-# ----------------------------------------------------------------------------------------------
-# Host side: one way to pass a dense or a top-k teacher to every row kernel
-# ----------------------------------------------------------------------------------------------
-
-def teacher_kernel_args(teacher: Tensor | TopKLogits) -> tuple[list, bool, int]:
-    """Kernel arguments for the teacher, whether it is top-k, and BLOCK_TOPK.
-
-    Layout: (teacher or top-k values, row stride, col stride, top-k indices, row stride,
-    col stride, top-k logsumexp, stride, k); a dense teacher fills the top-k slots with
-    unused placeholders.
-    """
-    if isinstance(teacher, TopKLogits):
-        values, indices, lse = teacher
-        args = [values, values.stride(0), values.stride(1), indices, indices.stride(0),
-                indices.stride(1), lse, lse.stride(0), values.shape[1]]
-        return args, True, max(triton.next_power_of_2(values.shape[1]), 2)
-    return [teacher, teacher.stride(0), teacher.stride(1), teacher, 0, 0, teacher, 0, 0], False, 2
-
-
-def teacher_tensors(teacher: Tensor | TopKLogits) -> tuple[Tensor, ...]:
-    """The teacher's tensors, for `ctx.save_for_backward`."""
-    return tuple(teacher) if isinstance(teacher, TopKLogits) else (teacher,)
-
-
-def restore_teacher(tensors: tuple[Tensor, ...]) -> Tensor | TopKLogits:
-    """Inverse of `teacher_tensors`."""
-    return TopKLogits(*tensors) if len(tensors) == 3 else tensors[0]

@@ -5,6 +5,7 @@ float64, so values differ only by fp32-vs-fp64 arithmetic, while gradients come 
 dtype and get that dtype's tolerance. Then identities between the losses (DKD's decomposition,
 OFA at ε = 1, KL vs soft-CE, NKD and WSLD edge cases, the DCT's DC term).
 """
+import math
 import os
 import sys
 import types
@@ -226,65 +227,39 @@ def ref_hcl(s, t, weights_by_level):
 # logit losses vs references
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T", TEMPERATURES)
-def test_kd_and_soft_ce(shape, dtype, T):
-    zs, zs64, zt, zt64, _ = _logit_pair(shape, dtype)
-    _check(lambda a, b: kd_loss(a, b, T), lambda a, b: ref_kd(a, b, T), [zs, zt], [zs64, zt64],
-           dtype, grad_of=(0, 1))
-    _check(lambda a, b: soft_ce_kd_loss(a, b, T), lambda a, b: ref_soft_ce(a, b, T),
-           [zs, zt], [zs64, zt64], dtype, grad_of=(0, 1))
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T", TEMPERATURES)
-def test_dkd(shape, dtype, T):
+# name -> (ours, reference, which of (student, teacher) to check gradients of); both called
+# as f(z_s, z_t, target, T)
+LOGIT_LOSSES = {
+    "kd": (lambda a, b, y, T: kd_loss(a, b, T), lambda a, b, y, T: ref_kd(a, b, T), (0, 1)),
+    "soft_ce": (lambda a, b, y, T: soft_ce_kd_loss(a, b, T),
+                lambda a, b, y, T: ref_soft_ce(a, b, T), (0, 1)),
     # student gradients only: the official masking gives kl_div an exact-0 target, whose
     # gradient w.r.t. that target is NaN in the reference (mdistiller's teacher has no grad)
-    zs, zs64, zt, zt64, y = _logit_pair(shape, dtype)
-    _check(lambda a, b: dkd_loss(a, b, y, 1.0, 8.0, T), lambda a, b: ref_dkd(a, b, y, 1.0, 8.0, T),
-           [zs, zt], [zs64, zt64], dtype)
-    _check(lambda a, b: dkd_loss(a, b, y, 0.7, 2.0, T), lambda a, b: ref_dkd(a, b, y, 0.7, 2.0, T),
-           [zs, zt], [zs64, zt64], dtype)
+    "dkd": (lambda a, b, y, T: dkd_loss(a, b, y, 1.0, 8.0, T),
+            lambda a, b, y, T: ref_dkd(a, b, y, 1.0, 8.0, T), (0,)),
+    "dkd-weights": (lambda a, b, y, T: dkd_loss(a, b, y, 0.7, 2.0, T),
+                    lambda a, b, y, T: ref_dkd(a, b, y, 0.7, 2.0, T), (0,)),
+    "nkd": (lambda a, b, y, T: nkd_loss(a, b, y, T, 1.5),
+            lambda a, b, y, T: ref_nkd(a, b, y, T, 1.5), (0, 1)),
+    **{f"ofa-eps{eps}": (lambda a, b, y, T, eps=eps: ofa_loss(a, b, y, eps, T),
+                         lambda a, b, y, T, eps=eps: ref_ofa(a, b, y, eps, T), (0, 1))
+       for eps in (1.0, 1.5, 2.0)},
+    "wsld": (lambda a, b, y, T: wsld_loss(a, b, y, T, 2.5),
+             lambda a, b, y, T: ref_wsld(a, b, y, T, 2.5), (0, 1)),
+    "dist": (lambda a, b, y, T: dist_loss(a, b, 1.0, 2.0, T),
+             lambda a, b, y, T: ref_dist(a, b, 1.0, 2.0, T), (0, 1)),
+}
 
 
+@pytest.mark.parametrize("name", LOGIT_LOSSES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", TEMPERATURES)
-def test_nkd(shape, dtype, T):
+def test_logit_loss_matches_reference(name, shape, dtype, T):
+    ours, reference, grad_of = LOGIT_LOSSES[name]
     zs, zs64, zt, zt64, y = _logit_pair(shape, dtype)
-    _check(lambda a, b: nkd_loss(a, b, y, T, 1.5), lambda a, b: ref_nkd(a, b, y, T, 1.5),
-           [zs, zt], [zs64, zt64], dtype, grad_of=(0, 1))
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T", TEMPERATURES)
-@pytest.mark.parametrize("eps", [1.0, 1.5, 2.0])
-def test_ofa(shape, dtype, T, eps):
-    zs, zs64, zt, zt64, y = _logit_pair(shape, dtype)
-    _check(lambda a, b: ofa_loss(a, b, y, eps, T), lambda a, b: ref_ofa(a, b, y, eps, T),
-           [zs, zt], [zs64, zt64], dtype, grad_of=(0, 1))
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T", TEMPERATURES)
-def test_wsld(shape, dtype, T):
-    zs, zs64, zt, zt64, y = _logit_pair(shape, dtype)
-    _check(lambda a, b: wsld_loss(a, b, y, T, 2.5), lambda a, b: ref_wsld(a, b, y, T, 2.5),
-           [zs, zt], [zs64, zt64], dtype, grad_of=(0, 1))
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tau", TEMPERATURES)
-def test_dist(shape, dtype, tau):
-    zs, zs64, zt, zt64, _ = _logit_pair(shape, dtype)
-    _check(lambda a, b: dist_loss(a, b, 1.0, 2.0, tau), lambda a, b: ref_dist(a, b, 1.0, 2.0, tau),
-           [zs, zt], [zs64, zt64], dtype, grad_of=(0, 1))
+    _check(lambda a, b: ours(a, b, y, T), lambda a, b: reference(a, b, y, T), [zs, zt],
+           [zs64, zt64], dtype, grad_of=grad_of)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -513,16 +488,20 @@ def _extreme_rows():
     return student, teacher, torch.tensor([0, 2, 0])
 
 
-@pytest.mark.parametrize("name, fn", [
-    ("kd", lambda s, t, y: kd_loss(s, t, 2.0)),
-    ("soft_ce", lambda s, t, y: soft_ce_kd_loss(s, t, 2.0)),
-    ("dkd", lambda s, t, y: dkd_loss(s, t, y, 1.0, 8.0, 4.0)),
-    ("nkd", lambda s, t, y: nkd_loss(s, t, y, 2.0, 1.5)),
-    ("ofa", lambda s, t, y: ofa_loss(s, t, y, 1.5, 1.0)),
-    ("wsld", lambda s, t, y: wsld_loss(s, t, y, 2.0, 2.5)),
-    ("dist", lambda s, t, y: dist_loss(s, t)),
-    ("bkd", lambda s, t, y: bkd_loss(s, t)),
-])
+# every loss of a teacher's logits, as f(z_s, z_t, target), for the checks below
+TEACHER_LOGIT_LOSSES = {
+    "kd": lambda s, t, y: kd_loss(s, t, 2.0),
+    "soft_ce": lambda s, t, y: soft_ce_kd_loss(s, t, 2.0),
+    "dkd": lambda s, t, y: dkd_loss(s, t, y, 1.0, 8.0, 4.0),
+    "nkd": lambda s, t, y: nkd_loss(s, t, y, 2.0, 1.5),
+    "ofa": lambda s, t, y: ofa_loss(s, t, y, 1.5, 2.0),
+    "wsld": lambda s, t, y: wsld_loss(s, t, y, 2.0, 2.5),
+    "dist": lambda s, t, y: dist_loss(s, t, 1.0, 2.0, 2.0),
+    "bkd": lambda s, t, y: bkd_loss(s, t),
+}
+
+
+@pytest.mark.parametrize("name, fn", TEACHER_LOGIT_LOSSES.items())
 def test_extreme_logits_stay_finite(name, fn):
     student, teacher, y = _extreme_rows()
     loss = fn(student, teacher, y)
@@ -589,16 +568,7 @@ def test_topk_from_logits_keeps_dtype_and_stores_full_logsumexp():
     torch.testing.assert_close(cached.logsumexp.double(), logits.double().logsumexp(1), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("name, fn", [
-    ("kd", lambda s, t, y: kd_loss(s, t, 2.0)),
-    ("dkd", lambda s, t, y: dkd_loss(s, t, y, 1.0, 8.0, 4.0)),
-    ("nkd", lambda s, t, y: nkd_loss(s, t, y, 2.0, 1.5)),
-    ("ofa", lambda s, t, y: ofa_loss(s, t, y, 1.5, 2.0)),
-    ("soft_ce", lambda s, t, y: soft_ce_kd_loss(s, t, 2.0)),
-    ("wsld", lambda s, t, y: wsld_loss(s, t, y, 2.0, 2.5)),
-    ("dist", lambda s, t, y: dist_loss(s, t, 1.0, 2.0, 2.0)),
-    ("bkd", lambda s, t, y: bkd_loss(s, t)),
-])
+@pytest.mark.parametrize("name, fn", TEACHER_LOGIT_LOSSES.items())
 def test_losses_accept_topk_teacher(name, fn):
     zs, zt, y = torch.randn(4, 37, requires_grad=True), torch.randn(4, 37) * 3, torch.randint(0, 37, (4,))
     cached = topk_from_logits(zt, 5)
@@ -675,3 +645,133 @@ def test_eager_only_forces_and_restores_the_dispatch_setting(monkeypatch):
     with losses.eager_only():
         pass
     assert "FASTKD_KERNELS" not in os.environ
+
+
+# --------------------------------------------------------------------------------------------
+# losses of single methods: USKD, CRD, CAKD, SRRL
+# --------------------------------------------------------------------------------------------
+
+def test_zipf_labels_use_one_based_ranks_and_sum_to_one():
+    scores = torch.tensor([[0.1, 0.5, 0.3, 0.2]])         # ranks: class 1, 2, 3, 0 → 1, 2, 3, 4
+    labels = losses._zipf_non_target_labels(scores, torch.tensor([[1]]))
+    # class 1 (rank 1) removed; classes 0, 2, 3 keep 1/4, 1/2, 1/3, renormalised by 13/12
+    torch.testing.assert_close(labels, torch.tensor([[3 / 13, 6 / 13, 4 / 13]]))
+    scores = torch.randn(6, 50)
+    two_targets = torch.stack([torch.arange(6), torch.arange(6) + 10], dim=1)
+    for targets in (torch.randint(0, 50, (6, 1)), two_targets):
+        labels = losses._zipf_non_target_labels(scores, targets)
+        assert labels.shape == (6, 50 - targets.shape[1])
+        torch.testing.assert_close(labels.sum(1), torch.ones(6))
+        assert torch.all(labels > 0)
+
+
+def uskd_by_the_spec(z, w, labels, alpha, beta, mu, rank_on_log_probs):
+    """cls_KD `USKDLoss` restated one sample at a time (independent of fastkd.losses)."""
+    batch_size, k = z.shape
+    if labels.dim() == 2:   # the two largest label values (topk: same tie-break as fastkd.losses)
+        values, classes = labels.topk(2, dim=1)
+        targets, values = classes.tolist(), values.tolist()
+    else:
+        targets = [[labels[b].item()] for b in range(batch_size)]
+        values = [[1.0] for _ in range(batch_size)]
+    p = torch.softmax(z, 1)
+    squared = torch.tensor([[p[b, c].item() ** 2 for c in targets[b]] for b in range(batch_size)])
+    column_mean = squared.mean(0)
+    total_t = total_non = total_weak = 0.0
+    for b in range(batch_size):
+        for j, c in enumerate(targets[b]):
+            weight = 0.0 if values[b][j] == 0 else squared[b, j] + values[b][j] - column_mean[j]
+            total_t += -weight * math.log(p[b, c])
+        q = (0.9 * labels[b] if labels.dim() == 2 else 0.9 * F.one_hot(labels[b], k)) + 0.1 / k
+        total_weak += -(mu * q * torch.log_softmax(w[b], 0)).sum()
+        pw = torch.softmax(w[b], 0)
+        student = torch.log(p[b]) if rank_on_log_probs else p[b]
+        score = (pw / (1 - sum(pw[c] for c in targets[b]) + 1e-6)
+                 + student / (1 - sum(student[c] for c in targets[b]) + 1e-6))
+        ranked = sorted(range(k), key=lambda c: -score[c].item())
+        zipf = {c: 1.0 / (position + 1) for position, c in enumerate(ranked)}
+        others = [c for c in range(k) if c not in targets[b]]
+        norm = sum(zipf[c] for c in others)
+        log_q = torch.log_softmax(z[b, others], 0)
+        total_non += -sum(zipf[c] / norm * log_q[i] for i, c in enumerate(others))
+    return (alpha * total_t / batch_size + beta * total_non / batch_size, total_weak / batch_size)
+
+
+@pytest.mark.parametrize("rank_on_log_probs", [True, False])
+@pytest.mark.parametrize("soft", [False, True])
+def test_uskd_losses_match_the_specification(soft, rank_on_log_probs):
+    z, w = 2 * torch.randn(5, 7, dtype=torch.float64), torch.randn(5, 7, dtype=torch.float64)
+    if soft:
+        labels = torch.softmax(3 * torch.randn(5, 7), 1)
+        labels[0] = F.one_hot(torch.tensor(3), 7).float()  # second value 0: its target weight is 0
+    else:
+        labels = torch.randint(0, 7, (5,))
+    loss_t, loss_non, loss_weak = losses.uskd_losses(z, w, labels, mu=0.3,
+                                                     rank_on_log_probs=rank_on_log_probs)
+    kd, weak = uskd_by_the_spec(z, w, labels, 0.7, 0.2, 0.3, rank_on_log_probs)
+    torch.testing.assert_close((0.7 * loss_t + 0.2 * loss_non).double(),
+                               torch.as_tensor(kd).double())
+    torch.testing.assert_close(loss_weak.double(), torch.as_tensor(weak).double())
+
+
+def test_uskd_rank_flag_changes_the_non_target_labels():
+    torch.manual_seed(3)
+    z, w, labels = 3 * torch.randn(8, 20), 3 * torch.randn(8, 20), torch.randint(0, 20, (8,))
+    shipped = losses.uskd_losses(z, w, labels, mu=0.005, rank_on_log_probs=True)
+    intended = losses.uskd_losses(z, w, labels, mu=0.005, rank_on_log_probs=False)
+    torch.testing.assert_close(shipped[0], intended[0])
+    assert not torch.isclose(shipped[1], intended[1])
+
+
+def ref_nce(scores, num_samples, valid):
+    """OFAKD `ContrastLoss` written per sample: log D1 of the positive, log D0 of each negative."""
+    batch, columns = scores.shape
+    noise = (columns - 1) / num_samples
+    total = 0.0
+    for b in range(batch):
+        if not valid[b]:
+            continue
+        total = total + torch.log(scores[b, 0] / (scores[b, 0] + noise + 1e-7))
+        for j in range(1, columns):
+            total = total + torch.log(noise / (scores[b, j] + noise + 1e-7))
+    return -total / batch
+
+
+@pytest.mark.parametrize("num_samples", [50, 1000])
+def test_nce_loss(num_samples):
+    low = (torch.rand(4, 9) * 2 + 1e-3).requires_grad_()
+    high = low.detach().double().requires_grad_()
+    valid = torch.tensor([True, True, False, True])
+    _check(lambda s: losses.nce_loss(s, num_samples, valid),
+           lambda s: ref_nce(s, num_samples, valid), [low], [high], torch.float32)
+    _check(lambda s: losses.nce_loss(s, num_samples), lambda s: ref_nce(s, num_samples, [True] * 4),
+           [low], [high], torch.float32)
+
+
+def _mean_square_loop(a, b):
+    """Σ over every element of (a − b)², / the element count, one row at a time."""
+    return sum(((a[i] - b[i]) ** 2).sum() for i in range(len(a))) / a.numel()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cakd_loss_sums(dtype):
+    pairs = [_make(shape, dtype, 1.0) for shape in [(2, 6, 6)] * 4 + [(2, 10)] * 2 + [(2, 8)] * 2
+             + [(2, 6, 8)] * 2]
+    lows, highs = [low for low, _ in pairs], [high for _, high in pairs]
+    _check(lambda *x: losses.cakd_pca_loss(*x, 0.3, 0.07),
+           lambda sqk, tqk, svv, tvv: 0.3 * _mean_square_loop(sqk, tqk)
+           + 0.07 * _mean_square_loop(svv, tvv), lows[:4], highs[:4], dtype, grad_of=(0, 2))
+    _check(lambda *x: losses.cakd_gl_loss(*x, 1.5, 0.5, 0.05),
+           lambda zs, zt, cs, ct, ps, pt: 1.5 * _mean_square_loop(zs, zt)
+           + 0.5 * _mean_square_loop(cs, ct) + 0.05 * _mean_square_loop(ps, pt),
+           lows[4:], highs[4:], dtype, grad_of=(0, 2, 4))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_srrl_losses(dtype):
+    (fs, fs64), (ft, ft64) = _make((3, 16), dtype, 1.0), _make((3, 16), dtype, 1.0)
+    (zs, zs64), (zt, zt64) = _make((3, 10), dtype), _make((3, 10), dtype)
+    for term, student in ((0, 0), (1, 2)):   # L_fm reads the features, L_sr the logits
+        _check(lambda *x: losses.srrl_losses(*x)[term],
+               lambda a, b, c, d: _mean_square_loop(*((a, b), (c, d))[term]),
+               [fs, ft, zs, zt], [fs64, ft64, zs64, zt64], dtype, grad_of=(student,))

@@ -352,28 +352,30 @@ def test_forward_features_without_stages_still_gives_logits(built):
         assert forward_features(model, x, (2,), with_logits=False).logits is None
 
 
-def test_forward_features_runs_the_model_once(built):
-    model = built("test_vit")
-    calls = []
-    handle = model.patch_embed.register_forward_hook(lambda *args: calls.append(1))
+def _forward_features_seen_by(module, model, x, stages):
+    """`forward_features(model, x, stages)` without grad, and every output of `module` in it."""
+    outputs = []
+    handle = module.register_forward_hook(lambda m, i, o: outputs.append(o))
     try:
         with torch.no_grad():
-            forward_features(model, torch.randn(1, 3, 160, 160), (1, 2, 3, 4))
+            features = forward_features(model, x, stages)
     finally:
         handle.remove()
+    return features, outputs
+
+
+def test_forward_features_runs_the_model_once(built):
+    model = built("test_vit")
+    _, calls = _forward_features_seen_by(model.patch_embed, model, torch.randn(1, 3, 160, 160),
+                                         (1, 2, 3, 4))
     assert len(calls) == 1
 
 
 def test_vit_prefix_tokens_are_split_from_the_patch_grid(built):
     model = built("test_vit")
     info = stage_info(model, (3, 160, 160))[3]
-    outputs = []
-    handle = stage_module(model, info).register_forward_hook(lambda m, i, o: outputs.append(o))
-    try:
-        with torch.no_grad():
-            features = forward_features(model, torch.randn(2, 3, 160, 160), (3,))
-    finally:
-        handle.remove()
+    features, outputs = _forward_features_seen_by(stage_module(model, info), model,
+                                                  torch.randn(2, 3, 160, 160), (3,))
     tokens = outputs[0]  # B × (1 + 10·10) × C, class token first
     assert features.prefix[3].shape == (2, 1, info.channels)
     torch.testing.assert_close(features.prefix[3], tokens[:, :1])
@@ -393,13 +395,8 @@ def test_distilled_deit_has_two_prefix_tokens():
 def test_stage_module_produces_the_stage(built, name):
     model = built(name)
     info = stage_info(model, (3, 64, 64))[2]
-    outputs = []
-    handle = stage_module(model, info).register_forward_hook(lambda m, i, o: outputs.append(o))
-    try:
-        with torch.no_grad():
-            features = forward_features(model, torch.randn(1, 3, 64, 64), (2,))
-    finally:
-        handle.remove()
+    features, outputs = _forward_features_seen_by(stage_module(model, info), model,
+                                                  torch.randn(1, 3, 64, 64), (2,))
     torch.testing.assert_close(outputs[-1], features.stages[2])
 
 

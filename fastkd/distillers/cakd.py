@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastkd.losses import cakd_gl_loss, cakd_pca_loss
 from fastkd.models import forward_features, num_prefix_tokens, stage_info, stage_module
 from fastkd.projectors import pooled_dim
 from fastkd.teacher_stages import FinalNorm, UnsupportedTeacher
@@ -99,6 +99,7 @@ class CAKD(Distiller):
       `t_cls` the teacher's pooled pre-logits (its class token after the final norm),
       `t_patch` its final-normed patch tokens. Logit term
       is an MSE, not a KL. MSE = element mean. Teacher tensors carry no gradient.
+      (`fastkd.losses.cakd_pca_loss`, `cakd_gl_loss`.)
     * `λ(e) = min(max(e − 25, 0)/50, 0.2)`, `e = epoch − 1` the 0-based epoch
       (`train_one_epoch`: λ(25) = 0, λ(30) = 0.1, λ(35) = 0.2). CE label smoothing 0.1 is
       `data.label_smoothing`.
@@ -203,11 +204,11 @@ class CAKD(Distiller):
         teacher_patches = self.final_norm(teacher.stages[4]).flatten(2).transpose(1, 2).float()
         tokens = student.stages[3].flatten(2).transpose(1, 2)
         student_qk, student_vv = self.pca_projector(tokens)
-        pca = (p.qk_weight * F.mse_loss(student_qk.float(), teacher_qk)
-               + p.vv_weight * F.mse_loss(student_vv.float(), teacher_vv))
-        gl = (p.logit_weight * F.mse_loss(student.logits.float(), teacher.logits)
-              + p.cls_weight * F.mse_loss(self.cls_projector(student.pooled).float(), teacher.pooled)
-              + p.patch_weight * F.mse_loss(self.gl_projector(tokens).float(), teacher_patches))
+        pca = cakd_pca_loss(student_qk, teacher_qk, student_vv, teacher_vv, p.qk_weight,
+                            p.vv_weight)
+        gl = cakd_gl_loss(student.logits, teacher.logits, self.cls_projector(student.pooled),
+                          teacher.pooled, self.gl_projector(tokens), teacher_patches,
+                          p.logit_weight, p.cls_weight, p.patch_weight)
         ramp = self.ramp(epoch)
         return student.logits, {**self.gt_term(student.logits, labels),
                                 "loss_pca": ramp * pca, "loss_gl": ramp * gl}

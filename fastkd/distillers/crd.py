@@ -11,14 +11,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastkd.losses import nce_loss
 from fastkd.models import forward_features
 from fastkd.projectors import pooled_dim
 
 from . import register
 from .base import Distiller, Needs
-
-NCE_EPS = 1e-7  # OFAKD's stabiliser in the NCE ratios
-
 
 @dataclass(frozen=True)
 class CRDParams:
@@ -32,23 +30,6 @@ class CRDParams:
     # classes, as OFAKD trains (its dataset's `contrast_index`); "uniform": among all N rows
     # (the CRD memory's own alias sampler, unused by OFAKD's training script)
     negatives: Literal["other_class", "uniform"] = "other_class"
-
-
-def nce_loss(scores: Tensor, num_samples: int, valid: Tensor | None = None) -> Tensor:
-    """CRD's NCE loss for one side (OFAKD `ContrastLoss`), from B×(1+K) normalised scores
-    P (column 0: the positive, then K negatives), noise probability P_n = 1/N:
-
-    `L = −(1/B) [Σ_b log(P⁺ / (P⁺ + K·P_n + ε)) + Σ_{b,j} log(K·P_n / (P⁻ + K·P_n + ε))]`.
-
-    `valid` (B bools) leaves out padded samples (dataset index −1), whose positive row is
-    unknown; B stays the batch size.
-    """
-    noise = (scores.shape[1] - 1) / num_samples   # K·P_n
-    positive = torch.log(scores[:, 0] / (scores[:, 0] + noise + NCE_EPS))
-    per_sample = positive + torch.log(noise / (scores[:, 1:] + noise + NCE_EPS)).sum(dim=1)
-    if valid is not None:
-        per_sample = torch.where(valid, per_sample, 0.0)
-    return -per_sample.sum() / scores.shape[0]
 
 
 def _gather_ranks(x: Tensor) -> Tensor:
@@ -190,7 +171,7 @@ class CRD(Distiller):
 
     Formula: Hao840/OFAKD `distillers/crd.py` (`CRD`, from the CRD authors' code): embeddings
     `v = unit(Linear(D → 128)(pooled))` per side, scores and banks by `ContrastMemory`, loss
-    `nce_loss` (method-specific, hence here and not in `fastkd.losses`). Reads the dataset
+    `fastkd.losses.nce_loss`. Reads the dataset
     index of every sample (`Needs(indices=True)`); the bank size N = `num_samples` must be
     given (the engine passes the training-set size), and with `negatives: other_class` (the
     default) the training labels by dataset index, `sample_labels` (the engine passes the

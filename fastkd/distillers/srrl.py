@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
+from fastkd.losses import srrl_losses
 from fastkd.models import forward_features, stage_info
 from fastkd.projectors import pooled_dim
 
@@ -69,7 +69,8 @@ class SRRL(Distiller):
     `L_fm = (1/B) Σ_b mean_c (v − f_t)²` against the teacher's pooled (pre-logit) feature `f_t`;
     `z_st` = the frozen teacher's classifier applied to `v`, gradients flowing through it into
     the connector and student (`teacher_classifier_logits`); `L_sr = MSE_mean(z_st, z_t)`.
-    Both are torch's element-mean MSE. Any student/teacher pairing works.
+    Both are torch's element-mean MSE (`fastkd.losses.srrl_losses`). Any student/teacher
+    pairing works.
     For a ResNet teacher this is cls_KD exactly: `f_t` is GAP of the teacher's stage 4 and
     cls_KD's `head.fc(pre_logits(neck(S')))` is fc(GAP(S')).
     Deviations: for teachers whose pooled feature is not GAP of the last stage (ViT class token,
@@ -106,8 +107,7 @@ class SRRL(Distiller):
         feats = forward_features(self.student, images, (STAGE,), with_logits=True)
         teacher = self.teacher.features(images, (), with_logits=True)
         aligned = self.connector(feats.stages[STAGE]).mean(dim=(2, 3))
-        loss_fm = F.mse_loss(aligned.float(), teacher.pooled)
         logits_st = teacher_classifier_logits(self.teacher.model, aligned)
-        loss_sr = F.mse_loss(logits_st.float(), teacher.logits)
+        loss_fm, loss_sr = srrl_losses(aligned, teacher.pooled, logits_st, teacher.logits)
         return feats.logits, {**self.gt_term(feats.logits, labels),
                               "loss_fm": p.alpha * loss_fm, "loss_sr": p.beta * loss_sr}

@@ -3,24 +3,20 @@
 The student teaches itself: a normalised target term with a sharpened target label, a
 non-target term whose soft labels follow Zipf's law over a ranking of the classes, and a weak
 auxiliary classifier on a middle feature that supplies part of that ranking. No teacher.
-USKD's loss is method-specific (it owns a trainable head and ranks classes), so its math lives
-here as private functions rather than in `fastkd.losses`.
+The loss terms are `fastkd.losses.uskd_losses`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn as nn
 from torch import Tensor
 
+from fastkd.losses import uskd_losses
 from fastkd.models import num_prefix_tokens, stage_info
 
 from . import register
 from .base import Distiller, Needs
-
-_RANK_EPS = 1e-6          # cls_KD's stabiliser in the ranking-score denominators
-_WEAK_LABEL_KEEP = 0.9    # weak head target: 0.9·label + 0.1/K (cls_KD, fixed in the code)
 
 
 @dataclass(frozen=True)
@@ -33,85 +29,11 @@ class USKDParams:
     rank_on_log_probs: bool = True
 
 
-def _uskd_targets(labels: Tensor) -> tuple[Tensor, Tensor]:
-    """(B×n target classes, B×n label values): integer labels → the label, value 1 (n = 1);
-    soft (mixup) labels → their top-2 classes and values (n = 2), as cls_KD."""
-    if labels.dim() == 2:
-        values, classes = labels.float().topk(2, dim=1)
-        return classes, values
-    classes = labels.long()[:, None]
-    return classes, torch.ones_like(classes, dtype=torch.float32)
-
-
-def _zipf_non_target_labels(scores: Tensor, targets: Tensor) -> Tensor:
-    """B×(K − n) Zipf soft labels over the non-target classes, each row summing to 1.
-
-    Classes are sorted by `scores` (descending) over all K classes, targets included; the
-    class at 1-based rank r gets `1/r`; the target columns are then removed and the rest
-    renormalised (`USKDLoss.forward`). Column order is the class order without targets.
-    """
-    batch, num_classes = scores.shape
-    position = scores.argsort(dim=1, descending=True).argsort(dim=1)   # 0-based rank per class
-    zipf = 1.0 / (position + 1).float()
-    keep = torch.ones_like(scores, dtype=torch.bool).scatter_(1, targets, False)
-    zipf = zipf[keep].view(batch, num_classes - targets.shape[1])
-    return zipf / zipf.sum(dim=1, keepdim=True)
-
-
-def _uskd_losses(logits: Tensor, weak_logits: Tensor, labels: Tensor, *, mu: float,
-                 rank_on_log_probs: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(L_target, L_non, L_weak) of cls_KD `USKDLoss` (`mmcls/models/dis_losses/uskd.py`),
-    batch means.
-
-    With targets `t` (value `v`), `s = σ(z_s)`, `w = weak_logits`:
-      L_target = −(1/B) Σ_b Σ_t sg[p_t] log s_t,  p_t = s_t² + v − mean_batch(s_t²), 0 where v = 0
-      L_weak   = −(1/B) Σ_b Σ_k μ q_k log σ(w)_k,  q = 0.9·label + 0.1/K
-      score    = σ(w) / (1 − Σ_t σ(w)_t + ε) + ℓ / (1 − Σ_t ℓ_t + ε),  ℓ = log s as shipped
-                 (`rank_on_log_probs`) or s (intent); ε = 1e-6; no gradient
-      L_non    = −(1/B) Σ_b Σ_{j∉t} ẑ_j log σ(z̃_s)_j, ẑ = `_zipf_non_target_labels(score, t)`,
-                 z̃_s the logits without the target columns.
-    The batch mean in p_t is over this process's batch (as cls_KD under DDP: no all-gather).
-    cls_KD already takes log-softmax wherever it needs a log, so the numerics are its own;
-    inputs are upcast to fp32 (the student may run under bf16 autocast).
-    """
-    logits, weak_logits = logits.float(), weak_logits.float()
-    batch, num_classes = logits.shape
-    targets, values = _uskd_targets(labels)
-
-    log_p = logits.log_softmax(dim=1)
-    log_p_target = log_p.gather(1, targets)
-    with torch.no_grad():
-        sharpened = log_p_target.exp().pow(2)
-        p_target = sharpened + values - sharpened.mean(0, keepdim=True)
-        p_target = torch.where(values == 0, 0.0, p_target)
-    loss_target = -(p_target * log_p_target).sum(dim=1).mean()
-
-    if labels.dim() == 2:
-        weak_label = _WEAK_LABEL_KEEP * labels.float()
-    else:
-        weak_label = torch.zeros_like(logits).scatter_(1, targets, _WEAK_LABEL_KEEP)
-    weak_label = weak_label + (1 - _WEAK_LABEL_KEEP) / num_classes
-    log_w = weak_logits.log_softmax(dim=1)
-    loss_weak = -(mu * weak_label * log_w).sum(dim=1).mean()
-
-    with torch.no_grad():
-        w = log_w.exp()
-        student = log_p if rank_on_log_probs else log_p.exp()
-        scores = (w / (1 - w.gather(1, targets).sum(1, keepdim=True) + _RANK_EPS)
-                  + student / (1 - student.gather(1, targets).sum(1, keepdim=True) + _RANK_EPS))
-        zipf = _zipf_non_target_labels(scores, targets)
-    keep = torch.ones_like(logits, dtype=torch.bool).scatter_(1, targets, False)
-    log_q = logits[keep].view(batch, num_classes - targets.shape[1]).log_softmax(dim=1)
-    loss_non = -(zipf * log_q).sum(dim=1).mean()
-    return loss_target, loss_non, loss_weak
-
-
 @register
 class USKD(Distiller):
     """`gt_weight·CE + α·L_target + β·L_non + L_weak` (μ inside L_weak), no teacher.
 
-    Formula: yzd-v/cls_KD `mmcls/models/dis_losses/uskd.py` `USKDLoss` (official); defaults
-    its ImageNet configs
+    Formula: `fastkd.losses.uskd_losses` (cls_KD `USKDLoss`, official); defaults its ImageNet configs
     (α 1, β 0.1, μ 0.005); CIFAR-100: α 0.1, β 0.1, μ 0.1.
 
     The middle feature fed to the weak head `Linear(C_mid, K)` (PyTorch default init, as cls_KD):
@@ -158,7 +80,7 @@ class USKD(Distiller):
     def forward(self, images, labels, *, epoch=1.0, indices=None):
         middle, logits = self.middle_and_logits(images)
         p = self.params
-        loss_target, loss_non, loss_weak = _uskd_losses(
+        loss_target, loss_non, loss_weak = uskd_losses(
             logits, self.weak_head(middle), labels, mu=p.mu, rank_on_log_probs=p.rank_on_log_probs)
         return logits, {**self.gt_term(logits, labels),
                         "loss_kd": p.alpha * loss_target + p.beta * loss_non,

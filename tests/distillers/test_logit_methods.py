@@ -1,10 +1,8 @@
 """Logit methods kd, dkd, nkd, uskd, wsld, dist, bkd: the training contract on every family
 pairing, the glue between each distiller and its `fastkd.losses` formula (weights, targets,
-DKD's warm-up), USKD's own math against a per-sample re-statement of cls_KD's `USKDLoss`, and the
-ImageNet recipes."""
+DKD's warm-up, USKD's weak head and middle feature), and the ImageNet recipes."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,6 @@ from conftest import IMG, NUM_CLASSES, tiny_model, tiny_pair, two_training_steps
 from fastkd import losses
 from fastkd.config import load_config
 from fastkd.distillers import build_params, get_distiller_class
-from fastkd.distillers.uskd import _uskd_losses, _zipf_non_target_labels
 from fastkd.models import stage_info
 
 REPO = Path(__file__).resolve().parents[2]
@@ -145,82 +142,6 @@ def test_dkd_without_warmup_is_full_weight_at_once():
     assert build("dkd", *tiny_pair("cnn", "cnn"), warmup_epochs=0).warmup_factor(1.0) == 1.0
 
 
-# ------------------------------------------------------------------------------------- USKD math
-
-
-def test_zipf_labels_use_one_based_ranks_and_sum_to_one():
-    scores = torch.tensor([[0.1, 0.5, 0.3, 0.2]])         # ranks: class 1, 2, 3, 0 → 1, 2, 3, 4
-    labels = _zipf_non_target_labels(scores, torch.tensor([[1]]))
-    # class 1 (rank 1) removed; classes 0, 2, 3 keep 1/4, 1/2, 1/3, renormalised by 13/12
-    torch.testing.assert_close(labels, torch.tensor([[3 / 13, 6 / 13, 4 / 13]]))
-    scores = torch.randn(6, 50)
-    two_targets = torch.stack([torch.arange(6), torch.arange(6) + 10], dim=1)
-    for targets in (torch.randint(0, 50, (6, 1)), two_targets):
-        labels = _zipf_non_target_labels(scores, targets)
-        assert labels.shape == (6, 50 - targets.shape[1])
-        torch.testing.assert_close(labels.sum(1), torch.ones(6))
-        assert torch.all(labels > 0)
-
-
-def uskd_by_the_spec(z, w, labels, alpha, beta, mu, rank_on_log_probs):
-    """yzd-v/cls_KD `mmcls/models/dis_losses/uskd.py` `USKDLoss.forward` restated one sample at
-    a time (independent of uskd.py)."""
-    batch_size, k = z.shape
-    if labels.dim() == 2:   # the two largest label values (topk: same tie-break as uskd.py)
-        values, classes = labels.topk(2, dim=1)
-        targets, values = classes.tolist(), values.tolist()
-    else:
-        targets = [[labels[b].item()] for b in range(batch_size)]
-        values = [[1.0] for _ in range(batch_size)]
-    p = torch.softmax(z, 1)
-    squared = torch.tensor([[p[b, c].item() ** 2 for c in targets[b]] for b in range(batch_size)])
-    column_mean = squared.mean(0)
-    total_t = total_non = total_weak = 0.0
-    for b in range(batch_size):
-        for j, c in enumerate(targets[b]):
-            weight = 0.0 if values[b][j] == 0 else squared[b, j] + values[b][j] - column_mean[j]
-            total_t += -weight * math.log(p[b, c])
-        q = (0.9 * labels[b] if labels.dim() == 2 else 0.9 * F.one_hot(labels[b], k)) + 0.1 / k
-        total_weak += -(mu * q * torch.log_softmax(w[b], 0)).sum()
-        pw = torch.softmax(w[b], 0)
-        student = torch.log(p[b]) if rank_on_log_probs else p[b]
-        score = (pw / (1 - sum(pw[c] for c in targets[b]) + 1e-6)
-                 + student / (1 - sum(student[c] for c in targets[b]) + 1e-6))
-        ranked = sorted(range(k), key=lambda c: -score[c].item())
-        zipf = {c: 1.0 / (position + 1) for position, c in enumerate(ranked)}
-        others = [c for c in range(k) if c not in targets[b]]
-        norm = sum(zipf[c] for c in others)
-        log_q = torch.log_softmax(z[b, others], 0)
-        total_non += -sum(zipf[c] / norm * log_q[i] for i, c in enumerate(others))
-    return (alpha * total_t / batch_size + beta * total_non / batch_size, total_weak / batch_size)
-
-
-@pytest.mark.parametrize("rank_on_log_probs", [True, False])
-@pytest.mark.parametrize("soft", [False, True])
-def test_uskd_losses_match_the_specification(soft, rank_on_log_probs):
-    z, w = 2 * torch.randn(5, 7, dtype=torch.float64), torch.randn(5, 7, dtype=torch.float64)
-    if soft:
-        labels = torch.softmax(3 * torch.randn(5, 7), 1)
-        labels[0] = F.one_hot(torch.tensor(3), 7).float()  # second value 0: its target weight is 0
-    else:
-        labels = torch.randint(0, 7, (5,))
-    loss_t, loss_non, loss_weak = _uskd_losses(z, w, labels, mu=0.3,
-                                               rank_on_log_probs=rank_on_log_probs)
-    kd, weak = uskd_by_the_spec(z, w, labels, 0.7, 0.2, 0.3, rank_on_log_probs)
-    torch.testing.assert_close((0.7 * loss_t + 0.2 * loss_non).double(),
-                               torch.as_tensor(kd).double())
-    torch.testing.assert_close(loss_weak.double(), torch.as_tensor(weak).double())
-
-
-def test_uskd_rank_flag_changes_the_non_target_labels():
-    torch.manual_seed(3)
-    z, w, labels = 3 * torch.randn(8, 20), 3 * torch.randn(8, 20), torch.randint(0, 20, (8,))
-    shipped = _uskd_losses(z, w, labels, mu=0.005, rank_on_log_probs=True)
-    intended = _uskd_losses(z, w, labels, mu=0.005, rank_on_log_probs=False)
-    torch.testing.assert_close(shipped[0], intended[0])
-    assert not torch.isclose(shipped[1], intended[1])
-
-
 def test_uskd_distiller_terms_and_weights():
     distiller = build("uskd", tiny_model("cnn", seed=1), None, gt_weight=0.5,
                       alpha=0.7, beta=0.2, mu=0.3)
@@ -228,8 +149,8 @@ def test_uskd_distiller_terms_and_weights():
     images, labels = batch()
     middle, logits = distiller.middle_and_logits(images)
     _, terms = distiller(images, labels)
-    loss_t, loss_non, loss_weak = _uskd_losses(logits, distiller.weak_head(middle), labels,
-                                               mu=0.3, rank_on_log_probs=True)
+    loss_t, loss_non, loss_weak = losses.uskd_losses(logits, distiller.weak_head(middle), labels,
+                                                     mu=0.3, rank_on_log_probs=True)
     torch.testing.assert_close(terms["loss_kd"], 0.7 * loss_t + 0.2 * loss_non)
     torch.testing.assert_close(terms["loss_weak"], loss_weak)
     torch.testing.assert_close(terms["loss_gt"], expected_ce(logits, labels, 0.5))

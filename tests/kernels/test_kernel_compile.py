@@ -4,7 +4,7 @@ compiler's checks (types of loop-carried values, constexpr branches, layouts), s
 CPU suite's guard for the native path.
 
 The launchers are run on CPU tensors with every `@triton.jit` kernel of the module replaced by a
-recorder; each distinct (kernel, argument types, constexprs) launch is then compiled. This runs
+recorder (the logit losses' kernels are those of their shared skeleton, `row_loss.py`); each distinct (kernel, argument types, constexprs) launch is then compiled. This runs
 in a subprocess: compiling needs TRITON_INTERPRET unset, and tests/conftest.py sets it.
 """
 from __future__ import annotations
@@ -82,7 +82,7 @@ def compile_module(name: str) -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    module = importlib.import_module(f"fastkd.kernels.{name}")
+    module = importlib.import_module(f"fastkd.kernels.{'freq' if name == 'freq' else 'row_loss'}")
     recorders = {attr: _Recorder(kernel) for attr, kernel in vars(module).items()
                  if isinstance(kernel, triton.runtime.JITFunction) and attr.endswith("_kernel")}
     for attr, recorder in recorders.items():
