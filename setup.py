@@ -28,6 +28,7 @@ setup(
         "tqdm",
         "scikit-learn",  # the demo's digits and the loader bench's photographs
         "scikit-image",  # more bundled photographs for the loader bench
+        "matplotlib",    # the benchmark charts
     ],
     extras_require={"test": ["pytest>=7", "scipy"]},
     entry_points={"console_scripts": ["fastkd = fastkd.cli:main"]},

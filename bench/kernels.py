@@ -19,10 +19,9 @@ from typing import Callable
 import torch
 
 from fastkd import losses
-from fastkd.bench.report import write_report
+from fastkd.bench.report import bar_chart, default_out, write_report
 from fastkd.losses import eager_only
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 LOGIT_SHAPES = [(256, 1000), (1024, 1000), (256, 21843)]
 MAP_SHAPES = [(256, 768, 7, 7), (256, 384, 14, 14)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -173,10 +172,18 @@ def run(dtypes: list[torch.dtype], repeats: int, providers: list[str]) -> list[d
     return rows
 
 
+def _chart(path: Path, rows: list[dict]) -> None:
+    """The fused kernels' speed-up over eager, one bar per (loss, shape, dtype)."""
+    fused = [row for row in rows if row["provider"] == "fused" and row["speedup_vs_eager"]]
+    bar_chart(path, [f"{r['loss']} {r['shape']} {r['dtype']}" for r in fused],
+              [r["speedup_vs_eager"] for r in fused], title="fused kernel vs eager, fwd+bwd",
+              ylabel="speed-up (x)", annotations=[f"{r['speedup_vs_eager']:.1f}x" for r in fused])
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fastkd bench kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(RESULTS_DIR), help="results folder")
+    parser.add_argument("--out", default=default_out("kernels"), help="results folder")
     parser.add_argument("--dtypes", default="fp32,bf16",
                         help=f"comma-separated, from {','.join(DTYPES)}")
     parser.add_argument("--repeats", type=int, default=50, help="timed runs per provider")
@@ -204,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
              f"kd_top{TOPK}: teacher given as a top-{TOPK} cache (eager rebuilds B×K logits). "
              "bytes_moved_mb counts map-sized transfers of the fused kernels "
              f"({MAP_PASSES}); copy_gb_per_s is a clone() of one student map.")
-    json_path, md_path = write_report("kernels", rows, args.out, notes=notes)
+    json_path, md_path = write_report("kernels", rows, args.out, notes=notes,
+                                      chart=lambda path: _chart(path, rows))
     print(f"wrote {md_path} and {json_path}")
     return 0
 

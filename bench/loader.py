@@ -19,10 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastkd.bench.report import write_report
+from fastkd.bench.report import bar_chart, default_out, write_report
 
 DEFAULT_DATA = os.path.join("~", ".cache", "fastkd", "bench-imagenet-like")
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 _CLASSES = 10
 
 
@@ -134,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--epochs", type=int, default=3, help="measured epochs (after a warm-up)")
     parser.add_argument("--only", nargs="+", default=None, help="run only these providers")
-    parser.add_argument("--out", default=str(RESULTS_DIR))
+    parser.add_argument("--out", default=default_out("loader"), help="results folder")
     return parser
 
 
@@ -153,7 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     notes = ("Train loader only (RandomResizedCrop + flip, normalized float32), no model. "
              "Providers run round-robin, one epoch each; median of the measured epochs after "
              "one warm-up epoch each.")
-    json_path, md_path = write_report("loader", rows, args.out, notes=notes)
+    json_path, md_path = write_report(
+        "loader", rows, args.out, notes=notes,
+        chart=lambda path: bar_chart(path, [r["provider"] for r in rows],
+                                     [r["img/s (median)"] for r in rows],
+                                     title=f"train loader, {args.img_size} px, {args.threads} threads",
+                                     ylabel="img/s (median)",
+                                     annotations=[f"{r['vs torchvision']:.2f}x" for r in rows]))
     print(md_path.read_text())
     print(f"written: {json_path}, {md_path}")
     return 0

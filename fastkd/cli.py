@@ -8,7 +8,7 @@ the engine (or another module's `main(argv)`); no training logic lives here.
     fastkd methods
     fastkd data check ROOT [...]
     fastkd cache build|verify|info [...]
-    fastkd bench loader|kernels [...]
+    fastkd bench loader|kernels|e2e|step|all [...]
     fastkd demo [...]
 
 A config mistake (ConfigError), an unsupported student/teacher pairing (UnsupportedPair), a
@@ -26,7 +26,7 @@ from pathlib import Path
 import fastkd
 
 EXIT_USAGE, EXIT_FAILED, EXIT_PREEMPTED = 2, 1, 143
-BENCHES = ("loader", "kernels")
+BENCHES = ("loader", "kernels", "e2e", "step", "all")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -232,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("tool", choices=["check"])
     verbs.add_parser("cache", help="the teacher cache: `fastkd cache build|verify|info [...]`",
                      description="`fastkd cache --help` lists its verbs and options.")
-    bench = verbs.add_parser("bench", help="throughput scenarios: `fastkd bench loader|kernels [...]`",
+    bench = verbs.add_parser("bench", help="throughput scenarios: `fastkd bench "
+                                           "loader|kernels|e2e|step|all [...]`",
                              description="`fastkd bench SCENARIO --help` lists its options.")
     bench.add_argument("scenario", choices=BENCHES)
     verbs.add_parser("demo", help="distillation demo on bundled data (`fastkd demo --help`)")

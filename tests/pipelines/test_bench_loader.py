@@ -9,9 +9,8 @@ def test_bench_loader_writes_a_report(tmp_path):
             "--batch-size", "4", "--img-size", "32", "--out", str(out),
             "--only", "dali-cpu", "torchvision DataLoader"]
     assert bench_loader.main(argv) == 0
-    files = sorted(p.suffix for p in out.iterdir())
-    assert files == [".json", ".md"]
-    report = json.loads(next(out.glob("*.json")).read_text())
+    assert sorted(p.name for p in out.iterdir()) == ["loader.png", "results.json", "results.md"]
+    report = json.loads((out / "results.json").read_text())
     rows = {row["provider"]: row for row in report["rows"]}
     assert "torchvision DataLoader" in rows and rows["torchvision DataLoader"]["vs torchvision"] == 1
     assert all(row["img/s (median)"] > 0 for row in rows.values())
