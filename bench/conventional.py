@@ -25,13 +25,16 @@ class ConventionalLoop:
 
     def __init__(self, root: Path, *, student: str, teacher: str, num_classes: int,
                  img_size: int, batch_size: int, workers: int, device: torch.device,
-                 amp_dtype: torch.dtype | None, lr: float = 0.1, temperature: float = 4.0):
+                 amp_dtype: torch.dtype | None, lr: float = 0.1, temperature: float = 4.0,
+                 student_kwargs: dict | None = None, teacher_kwargs: dict | None = None):
         from torch.utils.data import DataLoader
         from torchvision import datasets, transforms
 
         self.device, self.amp_dtype, self.temperature = device, amp_dtype, temperature
-        self.student = timm.create_model(student, num_classes=num_classes).to(device).train()
-        self.teacher = timm.create_model(teacher, num_classes=num_classes).to(device).eval()
+        self.student = timm.create_model(student, num_classes=num_classes,
+                                         **(student_kwargs or {})).to(device).train()
+        self.teacher = timm.create_model(teacher, num_classes=num_classes,
+                                         **(teacher_kwargs or {})).to(device).eval()
         self.teacher.requires_grad_(False)
         config = timm.data.resolve_data_config({}, model=self.student)
         transform = transforms.Compose([

@@ -89,7 +89,8 @@ def build_lanes(args, root: Path, device: torch.device, amp_dtype) -> tuple[dict
         lanes["conventional"] = ConventionalLoop(
             root, student=args.student, teacher=args.teacher, num_classes=args.classes,
             img_size=args.img_size, batch_size=args.batch_size, workers=args.workers,
-            device=device, amp_dtype=amp_dtype)
+            device=device, amp_dtype=amp_dtype, student_kwargs=args.student_kwargs,
+            teacher_kwargs=args.teacher_kwargs)
     if "online" in args.lanes:
         lanes["online"] = EngineLane(lane_config(args, root, None))
     if "cached" in args.lanes:
