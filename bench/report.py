@@ -10,6 +10,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import shlex
 import sys
 from pathlib import Path
 
@@ -27,7 +28,7 @@ def environment() -> dict:
         "device": device,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "command": " ".join(["fastkd", *sys.argv[1:]]) if sys.argv else "",
+        "command": shlex.join(["fastkd", *sys.argv[1:]]) if sys.argv else "",
     }
     for module in ("timm", "triton", "nvidia.dali"):
         try:
