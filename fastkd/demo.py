@@ -93,11 +93,15 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    # Ten classes: all logits in fp32 cost 40 bytes per image and epoch, and make the cached
+    # run the online KD run without the teacher's forward (fp16 or top-k records perturb the
+    # targets slightly, which over 40 epochs moves the final top-1 by seed-level noise).
     cache = f"cache.dir={out / f'teacher-cache-{stamp}'}"
+    cache_format = ["cache.topk=0", "cache.dtype=fp32"]
     steps = [("teacher (CNN)", "teacher.yaml", [], "teacher"),
              ("student alone (ViT, 4 blocks × 96)", "student.yaml", [], "student"),
              ("student + KD (same ViT ← CNN teacher)", "student_kd.yaml", None, "student_kd"),
-             ("student + KD from the teacher cache", "student_kd.yaml", [cache],
+             ("student + KD from the teacher cache", "student_kd.yaml", [cache, *cache_format],
               "student_kd_cached")]
     teacher_weights = None
     for label, config_name, extra, run_name in steps:
