@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
-import platform
 import shlex
 import sys
 from pathlib import Path
@@ -18,24 +16,13 @@ import torch
 
 
 def environment() -> dict:
-    """What a figure depends on: the device, the library versions, the command line."""
-    if torch.cuda.is_available():
-        device = torch.cuda.get_device_name(0)
-    else:
-        device = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    env = {
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "device": device,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "command": shlex.join(["fastkd", *sys.argv[1:]]) if sys.argv else "",
-    }
-    for module in ("timm", "triton", "nvidia.dali"):
-        try:
-            env[module] = __import__(module, fromlist=["__version__"]).__version__
-        except ImportError:
-            env[module] = None
-    return env
+    """What a figure depends on: the device, the library versions (the same record as a run's
+    env.json), the command line and the date."""
+    from fastkd.rundir import software_record
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return {"date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            **software_record(device),
+            "command": shlex.join(["fastkd", *sys.argv[1:]]) if sys.argv else ""}
 
 
 def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
@@ -75,7 +62,7 @@ def write_report(name: str, rows: list[dict], out_dir: str | Path, *, notes: str
         picture = f"![{name}]({name}.png)\n\n"
     header = (f"# fastkd bench {name}\n\n* date: {env['date']}\n* device: {env['device']}\n"
               f"* command: `{env['command']}`\n* torch {env['torch']}, timm {env['timm']}, "
-              f"triton {env['triton']}, DALI {env['nvidia.dali']}\n\n")
+              f"triton {env['triton']}, DALI {env['dali']}\n\n")
     md_path.write_text(header + (notes + "\n\n" if notes else "") + picture
                        + markdown_table(rows, columns))
     return json_path, md_path

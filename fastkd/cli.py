@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from pathlib import Path
 
@@ -240,8 +241,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stdout` is now (a redirected or captured stdout included)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def configure_logging() -> logging.Logger:
+    """The library logs through the `fastkd` logger and leaves its configuration to the
+    application; the CLI is one: progress lines to stdout on rank 0, warnings only elsewhere."""
+    from fastkd.distributed import is_primary_process
+    logger = logging.getLogger("fastkd")
+    if not logger.handlers:
+        handler = _StdoutHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.INFO if is_primary_process() else logging.WARNING)
+    return logger
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    with logging_redirect_tqdm(loggers=[configure_logging()]):
+        return _run(argv)
+
+
+def _run(argv: list[str]) -> int:
     try:
         passthrough = _passthrough(argv)
         if passthrough is not None:

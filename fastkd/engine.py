@@ -236,7 +236,7 @@ def _report(setup: TrainingSetup, state: RunState, progress: Progress, window: L
     if window.skipped:
         values["skipped"] = float(window.skipped)
     progress.report(state.position.batch, values)
-    state.run_dir.scalars(state.position.global_step, values, prefix="train/")
+    state.run_dir.add_scalars(state.position.global_step, values, prefix="train/")
     state.epoch_sums.merge_(window)
 
 
@@ -308,7 +308,7 @@ def _epoch_end(setup: TrainingSetup, state: RunState) -> dict:
     position.epoch, position.batch = epoch + 1, 0
     state.epoch_sums, state.epoch_clock = LossSums(), None
     state.run_dir.append_summary(row)
-    state.run_dir.scalars(position.global_step, {k: v for k, v in row.items() if k != "epoch"},
+    state.run_dir.add_scalars(position.global_step, {k: v for k, v in row.items() if k != "epoch"},
                           prefix="epoch/")
     state.run_dir.log(f"epoch {epoch} done: {format_metrics({k: v for k, v in row.items() if k != 'epoch'})}")
     save_state(setup, state, also=BEST if improved and cfg.output.save_best else None)

@@ -168,7 +168,8 @@ def isotropic_stage_indices(depth: int) -> tuple[int, int, int, int]:
     return tuple(indices)
 
 
-def _feature_entries(model: nn.Module) -> list[dict]:
+def feature_entries(model: nn.Module) -> list[dict]:
+    """timm's `feature_info` entries (module, num_chs, reduction), the one reader of it."""
     info = getattr(model, "feature_info", None)
     entries = getattr(info, "info", info)  # a FeatureInfo object or timm's plain list
     if not entries:
@@ -198,7 +199,7 @@ def _stage_taps(model: nn.Module) -> dict[int, tuple[int, dict, bool]]:
     `custom_forward/efficientnet.py`: stage 4 is the output of `conv_head` + `bn2`, 1,280
     channels).
     """
-    entries = _feature_entries(model)
+    entries = feature_entries(model)
     reductions = sorted({entry["reduction"] for entry in entries})
     if len(reductions) == 1:
         positions = isotropic_stage_indices(len(entries))
@@ -261,7 +262,7 @@ def _probe_stage_shapes(model: nn.Module, indices: list[int], size: tuple
     # submodule back its own mode (a student may hold deliberately frozen, eval-mode parts).
     modes = [(module, module.training) for module in model.modules()]
     containers = {".".join(entry["module"].split(".")[:depth])
-                  for entry in _feature_entries(model)
+                  for entry in feature_entries(model)
                   for depth in range(1, entry["module"].count(".") + 1)}
     finished: list[tuple[str, Any]] = []
     handles = [module.register_forward_hook(
@@ -313,9 +314,10 @@ def _returns_prefix_tokens(model: nn.Module) -> bool:
     return num_prefix_tokens(model) > 0 and _can_split_prefix(type(model))
 
 
-def forward_features(model: nn.Module, x: Tensor, stages: Sequence[int], *,
-                     with_logits: bool = True) -> Features:
-    """Stage maps, pooled features and logits from ONE forward of `model`.
+def forward_taps(model: nn.Module, x: Tensor, stages: Sequence[int], *,
+                 with_logits: bool = True) -> Features:
+    """The taps a distiller reads: stage maps, pooled features and logits from ONE forward of
+    `model` (not timm's `forward_features`, which returns only the final features).
 
     `forward_intermediates(indices, output_fmt='NCHW', intermediates_only=False)` returns the
     final features along with the taps; `forward_head` turns them into pooled features and
@@ -423,9 +425,9 @@ class Teacher:
 
     def features(self, images: Tensor, stages: Sequence[int], *, graph: bool = False,
                  with_logits: bool = True) -> Features:
-        """`forward_features` of the teacher (logits and pooled in fp32)."""
+        """`forward_taps` of the teacher: its stage maps, pooled features and logits (fp32)."""
         with self._running(images, graph=graph):
-            found = forward_features(self.model, self._prepare(images), stages,
+            found = forward_taps(self.model, self._prepare(images), stages,
                                      with_logits=with_logits)
         logits = None if found.logits is None else found.logits.float()
         return replace(found, logits=logits, pooled=found.pooled.float())

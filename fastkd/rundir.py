@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -28,6 +29,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+logger = logging.getLogger(__name__)
 
 from fastkd.checkpoint import LAST, load_checkpoint, resume_config
 from fastkd.config import Config, ConfigError, dump_config, replace
@@ -136,10 +139,10 @@ class RunDir:
     # ------------------------------------------------------------------ logs
 
     def log(self, line: str) -> None:
-        """A progress line: stdout (flushed, for cluster logs) and log.txt."""
+        """A progress line: the `fastkd` logger (stdout under the CLI) and log.txt."""
         if not self.writer:
             return
-        print(line, flush=True)
+        logger.info(line)
         with open(self.file(LOG_FILE), "a") as handle:
             handle.write(line + "\n")
 
@@ -150,7 +153,8 @@ class RunDir:
             from torch.utils.tensorboard import SummaryWriter
             self._tensorboard = SummaryWriter(str(self.file(TB_DIR)), purge_step=purge_step)
 
-    def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
+    def add_scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
+        """TensorBoard scalars `prefix + name` at `step` (nothing when TensorBoard is off)."""
         if self._tensorboard is not None:
             for name, value in values.items():
                 if value is not None:
@@ -215,25 +219,26 @@ def _version(module: str) -> str | None:
         return None
 
 
-def environment_record(*, device: torch.device, world_size: int, global_batch: int,
-                       lr: float, lr_rule: str, loader: str) -> dict:
-    """What a result depends on beyond the config (global batch, world size and versions are
-    the first suspects when a number does not reproduce)."""
+def software_record(device: torch.device) -> dict:
+    """The device and the library versions a figure or a run depends on; shared by env.json
+    and the benchmark reports."""
     import fastkd
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
     else:
         device_name = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return {"fastkd": fastkd.__version__, "git_sha": git_sha(), "python": platform.python_version(),
+            "torch": torch.__version__, "cuda": torch.version.cuda, "timm": _version("timm"),
+            "triton": _version("triton"), "dali": _version("nvidia.dali"), "device": device_name,
+            "host": platform.node()}
+
+
+def environment_record(*, device: torch.device, world_size: int, global_batch: int,
+                       lr: float, lr_rule: str, loader: str) -> dict:
+    """What a result depends on beyond the config (global batch, world size and versions are
+    the first suspects when a number does not reproduce)."""
     return {
-        "fastkd": fastkd.__version__,
-        "git_sha": git_sha(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "timm": _version("timm"),
-        "triton": _version("triton"),
-        "dali": _version("nvidia.dali"),
-        "device": device_name,
+        **software_record(device),
         "world_size": world_size,
         "global_batch": global_batch,
         "loader": loader,
@@ -242,7 +247,6 @@ def environment_record(*, device: torch.device, world_size: int, global_batch: i
         "metric": "top-1/top-5 (%) over every validation image once (padding excluded, "
                   "counts summed over ranks); best.pt by the student's top-1",
         "command": " ".join(sys.argv),
-        "host": platform.node(),
         "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
 

@@ -34,7 +34,8 @@ from typing import Callable, Iterator, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from fastkd.models import STAGES, forward_stages, num_prefix_tokens, stage_info, stage_module
+from fastkd.models import (STAGES, feature_entries, forward_stages, num_prefix_tokens, stage_info,
+                           stage_module)
 
 Layout = Literal["nchw", "nhwc", "tokens"]
 # A prompt: (stage input as a B×C×H×W grid) → grid of the same shape.
@@ -253,7 +254,7 @@ class StageEntries:
     def __init__(self, model: nn.Module, input_size: Sequence[int]):
         self.model = model
         info = stage_info(model, input_size)
-        entries = _feature_entries_names(model)
+        entries = [(e["module"], e["reduction"]) for e in feature_entries(model)]
         first = min(i for i, (_, reduction) in enumerate(entries) if reduction == info[1].reduction)
         # StageInfo.index is the position in feature_info (timm's forward_intermediates index)
         positions = {1: first} | {s: info[s - 1].index + 1 for s in STAGES[1:]}
@@ -285,9 +286,3 @@ class StageEntries:
     def _rewrite(self, raw: Tensor, transform: GridTransform, hw: tuple[int, int]) -> Tensor:
         grid, prefix = raw_to_grid(raw, self.layout, hw)
         return grid_to_raw(transform(grid), prefix, self.layout)
-
-
-def _feature_entries_names(model: nn.Module) -> list[tuple[str, int]]:
-    info = getattr(model, "feature_info", None)
-    entries = getattr(info, "info", info)
-    return [(entry["module"], entry["reduction"]) for entry in entries]

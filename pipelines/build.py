@@ -7,6 +7,7 @@ hands them to the DALI loader (default when DALI imports) or the torch fallback;
 from __future__ import annotations
 
 import importlib.util
+import logging
 
 import torch
 
@@ -16,6 +17,7 @@ from .datasets import DataError, load_index
 from .sampling import ShardPlan
 from .settings import resolve_image_settings
 
+logger = logging.getLogger(__name__)
 _notice_printed = False
 
 
@@ -38,7 +40,7 @@ def choose_kind(data, device: torch.device) -> str:
             raise RuntimeError("data.loader=dali but NVIDIA DALI is not importable "
                                "(pip install nvidia-dali-cuda120)")
         if not _notice_printed:
-            print("fastkd: NVIDIA DALI not importable; using the PyTorch DataLoader fallback")
+            logger.info("fastkd: NVIDIA DALI not importable; using the PyTorch DataLoader fallback")
             _notice_printed = True
         return "torch"
     dali_device = data.dali_device

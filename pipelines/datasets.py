@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,7 @@ import numpy as np
 
 from .image_probe import probe_image
 
+logger = logging.getLogger(__name__)
 _INDEX_VERSION = 1
 _MAX_LISTED = 50   # bad files named in the warning; `fastkd data check` lists them all
 
@@ -180,7 +182,7 @@ def _cache_dirs(data_root: str, index_dir: str | None) -> list[str]:
 
 def _probe_all(base: str, paths: list[str], workers: int, full: bool):
     if len(paths) > 20000:
-        print(f"fastkd: indexing {len(paths)} files under {base} (once; cached afterwards)")
+        logger.info(f"fastkd: indexing {len(paths)} files under {base} (once; cached afterwards)")
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(lambda p: probe_image(os.path.join(base, p), full), paths,
                              chunksize=256))

@@ -10,7 +10,7 @@ from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock
 from torch import nn
 
 from fastkd.models import (
-    StageInfo, Teacher, TeacherHeadMismatch, create_student, create_teacher, forward_features,
+    StageInfo, Teacher, TeacherHeadMismatch, create_student, create_teacher, forward_taps,
     isotropic_stage_indices, load_state_dict_file, model_data_config, model_family,
     num_prefix_tokens, stage_info, stage_module,
 )
@@ -301,7 +301,7 @@ def test_forward_features_matches_stage_info_and_model(built, name):
     assert model_family(model) == family and num_prefix_tokens(model) == prefix
     x = torch.randn(2, *input_size)
     with torch.no_grad():
-        features = forward_features(model, x, (1, 2, 3, 4))
+        features = forward_taps(model, x, (1, 2, 3, 4))
     for stage, stage_map in features.stages.items():
         assert stage_map.shape == (2, info[stage].channels, info[stage].height, info[stage].width)
     torch.testing.assert_close(features.logits, model_output(model, x))
@@ -328,7 +328,7 @@ def test_stage4_of_a_head_conv_model_is_after_conv_head_and_bn2(name, widths):
     assert info[4].final and info[4].module == "bn2" and not info[3].final
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
-        features = forward_features(model, x, (3, 4))
+        features = forward_taps(model, x, (3, 4))
         after_head = model.bn2(model.conv_head(model.blocks(model.bn1(model.conv_stem(x)))))
     torch.testing.assert_close(features.stages[4], after_head)
     torch.testing.assert_close(features.logits, model(x))
@@ -344,21 +344,21 @@ def test_forward_features_without_stages_still_gives_logits(built):
     model = built("test_resnet")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        features = forward_features(model, x, ())
+        features = forward_taps(model, x, ())
     assert features.stages == {} and features.prefix == {}
     torch.testing.assert_close(features.logits, model_output(model, x))
     assert features.pooled.shape == (2, model.num_features)
     with torch.no_grad():
-        assert forward_features(model, x, (2,), with_logits=False).logits is None
+        assert forward_taps(model, x, (2,), with_logits=False).logits is None
 
 
 def _forward_features_seen_by(module, model, x, stages):
-    """`forward_features(model, x, stages)` without grad, and every output of `module` in it."""
+    """`forward_taps(model, x, stages)` without grad, and every output of `module` in it."""
     outputs = []
     handle = module.register_forward_hook(lambda m, i, o: outputs.append(o))
     try:
         with torch.no_grad():
-            features = forward_features(model, x, stages)
+            features = forward_taps(model, x, stages)
     finally:
         handle.remove()
     return features, outputs
@@ -386,7 +386,7 @@ def test_vit_prefix_tokens_are_split_from_the_patch_grid(built):
 def test_distilled_deit_has_two_prefix_tokens():
     model = tiny_deit_distilled().eval()
     with torch.no_grad():
-        features = forward_features(model, torch.randn(2, 3, 64, 64), (1, 4))
+        features = forward_taps(model, torch.randn(2, 3, 64, 64), (1, 4))
     assert num_prefix_tokens(model) == 2
     assert features.prefix[4].shape == (2, 2, 48) and features.stages[4].shape == (2, 48, 4, 4)
 
@@ -451,4 +451,4 @@ def test_teacher_on_cuda_in_bf16_channels_last():
 
 def test_unknown_stage_is_rejected(built):
     with pytest.raises(ValueError, match="stages"):
-        forward_features(built("test_resnet"), torch.randn(1, 3, 32, 32), (5,))
+        forward_taps(built("test_resnet"), torch.randn(1, 3, 32, 32), (5,))

@@ -9,7 +9,7 @@ import torch.nn as nn
 from timm.models.mlp_mixer import MlpMixer
 from timm.models.swin_transformer import PatchMerging as TimmPatchMerging
 
-from fastkd.models import forward_features, stage_info
+from fastkd.models import forward_taps, stage_info
 from fastkd.projectors import (FeatureAligner, PatchMerging, SepConv, aligner_or_identity,
                                common_input_size, grid_side_merges, init_projector_weights,
                                pooled_dim, resample)
@@ -82,8 +82,8 @@ def test_aligners_reach_teacher_stage_shapes(student_family, teacher_family):
     info_s, info_t = stage_info(student, size), stage_info(teacher, size)
     images = torch.randn(2, *size)
     with torch.no_grad():
-        maps_s = forward_features(student.eval(), images, (1, 2, 3, 4)).stages
-        maps_t = forward_features(teacher.eval(), images, (1, 2, 3, 4)).stages
+        maps_s = forward_taps(student.eval(), images, (1, 2, 3, 4)).stages
+        maps_t = forward_taps(teacher.eval(), images, (1, 2, 3, 4)).stages
     for stage in (1, 2, 3, 4):
         s, t = info_s[stage], info_t[stage]
         aligner = FeatureAligner(s.channels, (s.height, s.width), t.channels, (t.height, t.width))
@@ -101,7 +101,7 @@ def test_pooled_dim_is_the_pre_logit_width():
     for family in ("cnn", "vit", "mlp", "convnext"):
         model = tiny_model(family).eval()
         with torch.no_grad():
-            pooled = forward_features(model, torch.randn(1, 3, IMG, IMG), ()).pooled
+            pooled = forward_taps(model, torch.randn(1, 3, IMG, IMG), ()).pooled
         assert pooled.shape[1] == pooled_dim(model)
 
 

@@ -8,7 +8,7 @@ import timm
 import torch
 from timm.models.mlp_mixer import MlpMixer
 
-from fastkd.models import forward_features, stage_info
+from fastkd.models import forward_taps, stage_info
 from fastkd.teacher_stages import (FinalNorm, StageEntries, TeacherTail, UnsupportedTeacher,
                                    grid_to_raw, raw_to_grid, stage_layout)
 
@@ -32,7 +32,7 @@ def tiny_teacher(family: str) -> torch.nn.Module:
 
 
 def final_features_nchw(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """`forward_features` in NCHW, written out per layout (independent of `raw_to_grid`)."""
+    """`model.forward_features` in NCHW, written out per layout (independent of `raw_to_grid`)."""
     out = model.forward_features(images)
     info = stage_info(model, SIZE)[4]
     if out.dim() == 3:  # ViT/Mixer tokens, prefix first
@@ -52,7 +52,7 @@ def test_tail_on_own_stage3_output_reproduces_the_final_features(family):
     tail = TeacherTail(model, SIZE)
     images = torch.randn(2, *SIZE)
     with torch.no_grad():
-        features = forward_features(model, images, (3,))
+        features = forward_taps(model, images, (3,))
         reproduced = tail(features.stages[3], features.prefix.get(3))
         expected = final_features_nchw(model, images)
     torch.testing.assert_close(reproduced, expected, rtol=1e-4, atol=1e-5)
@@ -81,7 +81,7 @@ def test_final_norm_of_stage4_tap_is_the_final_features(family):
     model = tiny_teacher(family)
     images = torch.randn(2, *SIZE)
     with torch.no_grad():
-        stage4 = forward_features(model, images, (4,)).stages[4]
+        stage4 = forward_taps(model, images, (4,)).stages[4]
         torch.testing.assert_close(FinalNorm(model, SIZE)(stage4), final_features_nchw(model, images),
                                    rtol=1e-4, atol=1e-5)
 
@@ -131,7 +131,7 @@ def test_tail_of_a_head_conv_teacher_runs_through_conv_head_and_bn2():
     tail = TeacherTail(model, SIZE)
     images = torch.randn(2, *SIZE)
     with torch.no_grad():
-        reproduced = tail(forward_features(model, images, (3,)).stages[3])
+        reproduced = tail(forward_taps(model, images, (3,)).stages[3])
         expected = model.forward_features(images)
     torch.testing.assert_close(reproduced, expected, rtol=1e-4, atol=1e-5)
 

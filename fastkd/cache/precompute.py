@@ -11,6 +11,7 @@ after a crash (SIGKILL included) recomputes only the shards without a finished s
 """
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from datetime import datetime, timezone
@@ -37,6 +38,7 @@ from .layout import (FORMAT, FP16_MAX, MANIFEST, VERSION, CacheError, RecordLayo
                      ShardWriter, finished_entry, read_manifest, shard_specs, write_json_atomic)
 from .meta import student_data_config
 
+logger = logging.getLogger(__name__)
 _PROBE_LIMIT = 1024   # the largest precompute batch tried on a GPU
 
 
@@ -217,11 +219,12 @@ def _announce(directory: Path, layout: RecordLayout, specs, todo, world: World) 
     per_epoch = sum(s.count for s in specs if s.epoch == 1) * layout.record_bytes
     remaining = sum(s.count for s in todo) * layout.record_bytes
     free = shutil.disk_usage(directory).free
+    total = per_epoch * len({s.epoch for s in specs})
     if world.is_primary:
-        print(f"fastkd cache: {layout.record_bytes} B per sample-epoch ({layout.describe()}); "
-              f"{_bytes(per_epoch)} per epoch, {_bytes(per_epoch * len({s.epoch for s in specs}))} "
-              f"in all; {len(todo)} of {len(specs)} shards to compute ({_bytes(remaining)}); "
-              f"{_bytes(free)} free on {directory}", flush=True)
+        logger.info(f"fastkd cache: {layout.record_bytes} B per sample-epoch ({layout.describe()}); "
+                    f"{_bytes(per_epoch)} per epoch, {_bytes(total)} in all; {len(todo)} of "
+                    f"{len(specs)} shards to compute ({_bytes(remaining)}); {_bytes(free)} free "
+                    f"on {directory}")
     if remaining > free:
         raise CacheError(f"cache.dir: {directory} has {_bytes(free)} free but the cache needs "
                          f"{_bytes(remaining)} more; free space or choose another cache.dir")
@@ -281,7 +284,7 @@ def build_cache(cfg: Config, *, batch_size: int | None = None) -> Path:
         header = _header(cfg, index, settings, layout, epochs)
         if _open_directory(directory, header, world) is not None:
             if world.is_primary:
-                print(f"fastkd cache: {directory} is already complete", flush=True)
+                logger.info(f"fastkd cache: {directory} is already complete")
             return directory
         specs = shard_specs(len(index), cfg.cache.shard_size, epochs)
         todo = [s for s in specs if finished_entry(directory, s) is None]
@@ -317,6 +320,6 @@ def _seal(directory: Path, header: dict, specs: list[ShardSpec], seconds: float,
                     created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     precompute={"seconds_last_run": round(seconds, 2), "batch_size": batch})
     write_json_atomic(directory / MANIFEST, manifest)
-    print(f"fastkd cache: {directory} complete: {len(entries)} shards, "
-          f"{header['epochs']} epochs x {header['data']['num_samples']} samples "
-          f"({seconds:.1f} s this run)", flush=True)
+    logger.info(f"fastkd cache: {directory} complete: {len(entries)} shards, "
+                f"{header['epochs']} epochs x {header['data']['num_samples']} samples "
+                f"({seconds:.1f} s this run)")

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from fastkd.losses import cakd_gl_loss, cakd_pca_loss
-from fastkd.models import forward_features, num_prefix_tokens, stage_info, stage_module
+from fastkd.models import forward_taps, num_prefix_tokens, stage_info, stage_module
 from fastkd.projectors import pooled_dim
 from fastkd.teacher_stages import FinalNorm, UnsupportedTeacher
 
@@ -197,7 +197,7 @@ class CAKD(Distiller):
 
     def forward(self, images, labels, *, epoch=1.0, indices=None):
         p = self.params
-        student = forward_features(self.student, images, (3,))
+        student = forward_taps(self.student, images, (3,))
         with self._qkv_recorded() as recorded:
             teacher = self.teacher.features(images, (4,))
         teacher_qk, teacher_vv = self.teacher_attention(recorded[-1])

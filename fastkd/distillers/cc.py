@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from fastkd.losses import correlation_loss
-from fastkd.models import forward_features
+from fastkd.models import forward_taps
 from fastkd.projectors import pooled_dim
 
 from . import register
@@ -46,7 +46,7 @@ class CC(Distiller):
 
     def forward(self, images, labels, *, epoch=1.0, indices=None):
         p = self.params
-        feats = forward_features(self.student, images, (), with_logits=True)
+        feats = forward_taps(self.student, images, (), with_logits=True)
         teacher_pooled = self.teacher.features(images, (), with_logits=False).pooled
         loss = correlation_loss(self.embed_s(feats.pooled), self.embed_t(teacher_pooled),
                                 scale=p.scale)

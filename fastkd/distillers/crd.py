@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastkd.losses import nce_loss
-from fastkd.models import forward_features
+from fastkd.models import forward_taps
 from fastkd.projectors import pooled_dim
 
 from . import register
@@ -213,7 +213,7 @@ class CRD(Distiller):
         if indices is None:
             raise ValueError("crd needs the dataset indices of the batch (Needs.indices)")
         p = self.params
-        feats = forward_features(self.student, images, (), with_logits=True)
+        feats = forward_taps(self.student, images, (), with_logits=True)
         teacher_pooled = self.teacher.features(images, (), with_logits=False).pooled
         embed_s = F.normalize(self.embed_s(feats.pooled).float(), dim=1)
         embed_t = F.normalize(self.embed_t(teacher_pooled).float(), dim=1)

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastkd.losses import kd_loss
-from fastkd.models import forward_features, model_family, stage_info
+from fastkd.models import forward_taps, model_family, stage_info
 from fastkd.projectors import FeatureAligner, init_projector_weights
 
 from . import register
@@ -73,7 +73,7 @@ class FitNet(Distiller):
 
     def forward(self, images, labels, *, epoch=1.0, indices=None):
         p = self.params
-        feats = forward_features(self.student, images, p.stages, with_logits=True)
+        feats = forward_taps(self.student, images, p.stages, with_logits=True)
         teacher = self.teacher.features(images, p.stages, with_logits=p.kd_weight != 0)
         loss_fitnet = 0.0
         for stage in p.stages:

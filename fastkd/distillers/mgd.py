@@ -9,7 +9,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from fastkd.losses import mse_sum_loss
-from fastkd.models import forward_features, stage_info
+from fastkd.models import forward_taps, stage_info
 from fastkd.projectors import aligner_or_identity
 
 from . import register
@@ -64,7 +64,7 @@ class MGD(Distiller):
                                        nn.Conv2d(t.channels, t.channels, 3, padding=1))
 
     def forward(self, images, labels, *, epoch=1.0, indices=None):
-        feats = forward_features(self.student, images, (STAGE,), with_logits=True)
+        feats = forward_taps(self.student, images, (STAGE,), with_logits=True)
         target = self.teacher.features(images, (STAGE,), with_logits=False).stages[STAGE]
         aligned = self.align(feats.stages[STAGE], target.shape[-2:])
         batch, channels = aligned.shape[:2]

@@ -10,7 +10,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor
 
 from fastkd.losses import ofa_loss
-from fastkd.models import forward_features, model_family, num_prefix_tokens, stage_info
+from fastkd.models import forward_taps, model_family, num_prefix_tokens, stage_info
 from fastkd.projectors import (PatchMerging, SepConv, grid_side_merges,
                                init_projector_weights, pooled_dim)
 
@@ -162,7 +162,7 @@ class OFA(Distiller):
 
     def forward(self, images, labels, *, epoch=1.0, indices=None):
         p = self.params
-        feats = forward_features(self.student, images, p.stages, with_logits=True)
+        feats = forward_taps(self.student, images, p.stages, with_logits=True)
         teacher_logits = self.teacher.logits(images)
         target = self.hard_target(labels)
         branch = self.branch_logits(feats.stages, feats.prefix)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastkd.losses import hcl_loss, kd_loss
-from fastkd.models import STAGES, forward_features, stage_info
+from fastkd.models import STAGES, forward_taps, stage_info
 from fastkd.projectors import init_projector_weights
 from fastkd.teacher_stages import StageEntries, UnsupportedTeacher
 
@@ -252,7 +252,7 @@ class PAT(Distiller):
 
     def forward(self, images, labels, *, epoch=1.0, indices=None):
         p = self.params
-        student = forward_features(self.student, images, STAGES)
+        student = forward_taps(self.student, images, STAGES)
         plain_logits = self.teacher.logits(images)
         transforms = {int(s): (lambda grid, s=int(s): self._prompted_input(s, grid))
                       for s in self.prompts}

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastkd.losses import rkd_loss
-from fastkd.models import forward_features
+from fastkd.models import forward_taps
 
 from . import register
 from .base import Distiller, Needs
@@ -40,7 +40,7 @@ class RKD(Distiller):
 
     def forward(self, images, labels, *, epoch=1.0, indices=None):
         p = self.params
-        feats = forward_features(self.student, images, (), with_logits=True)
+        feats = forward_taps(self.student, images, (), with_logits=True)
         teacher_pooled = self.teacher.features(images, (), with_logits=False).pooled
         loss = rkd_loss(feats.pooled, teacher_pooled, distance_weight=p.distance_weight,
                         angle_weight=p.angle_weight, eps=p.eps, squared=p.squared)

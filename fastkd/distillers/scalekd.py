@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from fastkd.attention_projector import (CrossAttentionProjector, default_num_heads, grid_to_tokens,
                                         tokens_to_grid)
 from fastkd.losses import feature_mimic_loss, freq_decoupled_loss, soft_ce_kd_loss
-from fastkd.models import forward_features, stage_info
+from fastkd.models import forward_taps, stage_info
 from fastkd.teacher_stages import TeacherTail, UnsupportedTeacher
 
 from . import register
@@ -133,7 +133,7 @@ class ScaleKD(Distiller):
 
     def forward(self, images, labels, *, epoch=1.0, indices=None):
         p = self.params
-        student = forward_features(self.student, images, (3, 4))
+        student = forward_taps(self.student, images, (3, 4))
         teacher = self.teacher.features(images, (3, 4), with_logits=bool(p.kd_weight))
         target = self.tail.final_norm(teacher.stages[4])
         terms = self.gt_term(student.logits, labels)

@@ -10,7 +10,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from fastkd.losses import srrl_losses
-from fastkd.models import forward_features, stage_info
+from fastkd.models import forward_taps, stage_info
 from fastkd.projectors import pooled_dim
 
 from . import register
@@ -104,7 +104,7 @@ class SRRL(Distiller):
 
     def forward(self, images, labels, *, epoch=1.0, indices=None):
         p = self.params
-        feats = forward_features(self.student, images, (STAGE,), with_logits=True)
+        feats = forward_taps(self.student, images, (STAGE,), with_logits=True)
         teacher = self.teacher.features(images, (), with_logits=True)
         aligned = self.connector(feats.stages[STAGE]).mean(dim=(2, 3))
         logits_st = teacher_classifier_logits(self.teacher.model, aligned)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from fastkd.attention_projector import CrossAttentionProjector, default_num_heads, tokens_to_grid
 from fastkd.losses import freq_decoupled_loss, soft_ce_kd_loss
-from fastkd.models import forward_features, stage_info
+from fastkd.models import forward_taps, stage_info
 from fastkd.teacher_stages import FinalNorm, UnsupportedTeacher
 
 from . import register
@@ -90,7 +90,7 @@ class UFD(Distiller):
 
     def forward(self, images, labels, *, epoch=1.0, indices=None):
         p = self.params
-        student = forward_features(self.student, images, (4,))
+        student = forward_taps(self.student, images, (4,))
         teacher = self.teacher.features(images, (4,), with_logits=self.use_kd)
         target = self.final_norm(teacher.stages[4])
         terms = self.gt_term(student.logits, labels)

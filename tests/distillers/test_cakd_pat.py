@@ -17,7 +17,7 @@ from fastkd.distillers import UnsupportedPair, build_params, get_distiller_class
 from fastkd.distillers.cakd import GroupLinearProjector
 from fastkd.distillers.pat import SqueezeExcite, sinusoidal_encoding
 from fastkd.losses import hcl_loss, kd_loss
-from fastkd.models import STAGES, forward_features
+from fastkd.models import STAGES, forward_taps
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = (3, IMG, IMG)
@@ -143,7 +143,7 @@ def test_cakd_terms_on_the_same_tensors():
     distiller = build("cakd", *tiny_pair("cnn", "vit"))
     images, labels = batch()
     _, terms = distiller(images, labels, epoch=31.0)  # λ = 0.1
-    student = forward_features(distiller.student, images, (3,))
+    student = forward_taps(distiller.student, images, (3,))
     with distiller._qkv_recorded() as qkv:
         teacher = distiller.teacher.features(images, (4,))
     teacher_qk, teacher_vv = distiller.teacher_attention(qkv[-1])
@@ -197,7 +197,7 @@ def test_pat_terms_on_the_same_tensors_and_zero_beta_keeps_the_teacher():
     distiller = build("pat", *tiny_pair("cnn", "vit"), **SMALL_PAT)
     images, labels = batch()
     _, terms = distiller(images, labels)
-    student = forward_features(distiller.student, images, STAGES)
+    student = forward_taps(distiller.student, images, STAGES)
     plain = distiller.teacher.features(images, STAGES)  # β = 0: prompted teacher = plain one
     blended = distiller.raa([student.stages[s] for s in STAGES])
     feature = sum(hcl_loss(aligner(tokens), plain.stages[s])

@@ -22,7 +22,7 @@ from fastkd.distillers.ofa import CnnBranch, TokenBranch, broadcast_eps
 from fastkd.distillers.srrl import teacher_classifier_logits
 from fastkd.distillers.vitkd import random_token_mask
 from fastkd.losses import correlation_loss, kd_loss, nkd_loss, ofa_loss, rkd_loss
-from fastkd.models import Teacher, forward_features, model_family
+from fastkd.models import Teacher, forward_taps, model_family
 
 SMALL = {"crd": {"num_samples": 16, "num_negatives": 8}}   # a 16-sample bank for batch 4
 # what the engine passes besides the params: CRD's training labels by dataset index
@@ -116,7 +116,7 @@ def test_ofa_terms_equal_ofa_loss_with_each_eps(student_family, teacher_family):
     with torch.no_grad():
         logits, terms = distiller(images, labels)
         teacher_logits = distiller.teacher.logits(images)
-        feats = forward_features(distiller.student, images, (2, 4))
+        feats = forward_taps(distiller.student, images, (2, 4))
         branch = distiller.branch_logits(feats.stages, feats.prefix)
     assert torch.allclose(logits, feats.logits)
     expected_kd = 0.7 * ofa_loss(logits, teacher_logits, labels, 2.0, 2.0)   # ε_last, T
@@ -205,7 +205,7 @@ def test_rkd_term_equals_rkd_loss():
     images, labels = batch()
     with torch.no_grad():
         _, terms = distiller(images, labels)
-        pooled_s = forward_features(distiller.student, images, ()).pooled
+        pooled_s = forward_taps(distiller.student, images, ()).pooled
         pooled_t = distiller.teacher.features(images, ()).pooled
     assert torch.allclose(terms["loss_kd"], 2.0 * rkd_loss(pooled_s, pooled_t, 5.0, 7.0))
 
@@ -215,7 +215,7 @@ def test_cc_term_equals_correlation_loss():
     images, labels = batch()
     with torch.no_grad():
         _, terms = distiller(images, labels)
-        e_s = distiller.embed_s(forward_features(distiller.student, images, ()).pooled)
+        e_s = distiller.embed_s(forward_taps(distiller.student, images, ()).pooled)
         e_t = distiller.embed_t(distiller.teacher.features(images, ()).pooled)
     assert e_s.shape == (4, 16)
     assert torch.allclose(terms["loss_kd"], correlation_loss(e_s, e_t, 0.1))

@@ -14,7 +14,7 @@ from fastkd.attention_projector import grid_to_tokens, tokens_to_grid
 from fastkd.config import load_config
 from fastkd.distillers import UnsupportedPair, build_params, get_distiller_class
 from fastkd.losses import feature_mimic_loss, freq_decoupled_loss, soft_ce_kd_loss
-from fastkd.models import Teacher, forward_features
+from fastkd.models import Teacher, forward_taps
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = (3, IMG, IMG)
@@ -95,7 +95,7 @@ def test_scalekd_terms_are_the_loss_functions_on_the_same_tensors():
     images, labels = batch()
     _, terms = distiller(images, labels)
 
-    student = forward_features(distiller.student, images, (3, 4))
+    student = forward_taps(distiller.student, images, (3, 4))
     teacher = distiller.teacher.features(images, (3, 4))
     target = distiller.tail.final_norm(teacher.stages[4])
     p = distiller.params
@@ -173,7 +173,7 @@ def test_ufd_terms_are_the_loss_functions_on_the_same_tensors():
     distiller = build("ufd", *tiny_pair("cnn", "swin"))
     images, labels = batch()
     _, terms = distiller(images, labels)
-    student = forward_features(distiller.student, images, (4,))
+    student = forward_taps(distiller.student, images, (4,))
     teacher = distiller.teacher.features(images, (4,))
     target = distiller.final_norm(teacher.stages[4])
     spatial = tokens_to_grid(distiller.spatial_projector(student.stages[4]), distiller.teacher_grid)

@@ -15,12 +15,13 @@ def make(root, **kw):
                               model_cfg=MODEL_CFG, seed=0)
 
 
-def test_auto_falls_back_to_torch_with_one_notice(image_root, monkeypatch, capsys):
+def test_auto_falls_back_to_torch_with_one_notice(image_root, monkeypatch, caplog):
+    caplog.set_level("INFO", logger="fastkd")
     monkeypatch.setattr(build, "dali_available", lambda: False)
     monkeypatch.setattr(build, "_notice_printed", False)
     kinds = [make(image_root).kind, make(image_root).kind]
     assert kinds == ["torch", "torch"]
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    lines = [r.getMessage() for r in caplog.records if r.name == "fastkd.pipelines.build"]
     assert len(lines) == 1 and "DALI" in lines[0]
     with pytest.raises(RuntimeError, match="DALI"):
         make(image_root, loader="dali")
