@@ -60,7 +60,7 @@ class EngineLane:
 
     def step(self, batch) -> None:
         from fastkd.engine import train_step
-        train_step(self.setup, self.state, batch, self.params, stop_requested=False)
+        train_step(self.setup, self.state, batch, self.params)
 
 
 def lane_config(args, root: Path, cache_dir: Path | None):

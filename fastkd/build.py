@@ -8,14 +8,15 @@ scheduler (needs the steps per epoch) → EMA → DDP.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import pickle
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from timm.optim import (create_optimizer_v2, list_optimizers, param_groups_layer_decay,
-                        param_groups_weight_decay)
+from timm.optim import (create_optimizer_v2, get_optimizer_info, list_optimizers,
+                        param_groups_layer_decay, param_groups_weight_decay)
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -49,7 +50,12 @@ def check_runnable(cfg: Config) -> None:
     _check_counts(cfg)
     if cfg.optim.opt.lower() not in list_optimizers():
         raise ConfigError(f"optim.opt: '{cfg.optim.opt}' is not a timm optimizer "
-                          f"(e.g. sgd, adamw, lamb, fusedadamw; timm.optim.list_optimizers())")
+                          f"(e.g. sgd, momentum, adamw, lamb; timm.optim.list_optimizers())")
+    if cfg.optim.opt.lower().startswith("fused") and importlib.util.find_spec("apex") is None:
+        raise ConfigError(f"optim.opt: '{cfg.optim.opt}' is one of NVIDIA apex's fused "
+                          f"optimizers and apex is not installed (build it from "
+                          f"github.com/NVIDIA/apex; the PyPI package named 'apex' is another "
+                          f"project). sgd, momentum, adam and adamw already run fused")
     if cfg.sched.sched == "plateau":
         raise ConfigError("sched.sched: 'plateau' needs a metric every step; use cosine, step, "
                           "multistep, poly, tanh, wsd, rsqrt, constant or none")
@@ -181,16 +187,42 @@ def _optimizer_groups(distiller: Distiller, optim: OptimConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+# torch optimizers with a fused implementation (one kernel per parameter group, CUDA and CPU)
+# that also take GradScaler's `found_inf`, so a non-finite step is skipped on the device
+FUSED_TORCH_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+
+
+def uses_fused_torch_optimizer(name: str) -> bool:
+    return issubclass(get_optimizer_info(name).opt_class, FUSED_TORCH_OPTIMIZERS)
+
+
 def build_optimizer(cfg: Config, distiller: Distiller, lr: float) -> torch.optim.Optimizer:
     """timm's optimizer factory over the student and the method's trainable parts (never the
-    teacher, which is not a submodule)."""
+    teacher, which is not a submodule); torch's SGD/Adam/AdamW in their fused form."""
     optim = cfg.optim
     extra = {key: value for key, value in (("betas", optim.betas), ("eps", optim.eps))
              if value is not None}
-    return create_optimizer_v2(distiller, optim.opt, lr=lr, weight_decay=optim.weight_decay,
-                               momentum=optim.momentum,
-                               param_group_fn=lambda module: _optimizer_groups(module, optim),
-                               **extra)
+    fused = uses_fused_torch_optimizer(optim.opt)
+    if fused:
+        extra["fused"] = True
+    optimizer = create_optimizer_v2(distiller, optim.opt, lr=lr, weight_decay=optim.weight_decay,
+                                    momentum=optim.momentum,
+                                    param_group_fn=lambda module: _optimizer_groups(module, optim),
+                                    **extra)
+    if fused:
+        zero_momentum_buffers_(optimizer)
+    return optimizer
+
+
+def zero_momentum_buffers_(optimizer: torch.optim.Optimizer) -> None:
+    """SGD's momentum buffers as zeros from the start. torch's fused SGD creates them with
+    `empty_like` on its first step, so a first step skipped through `found_inf` would leave
+    garbage behind; with no dampening, a zero buffer gives the first step exactly what torch's
+    lazy `buf = grad` gives (0·μ + g = g)."""
+    for group in optimizer.param_groups:
+        if group.get("momentum") and not group.get("dampening"):
+            for param in group["params"]:
+                optimizer.state[param].setdefault("momentum_buffer", torch.zeros_like(param))
 
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int):

@@ -2,12 +2,14 @@
 
 One step: forward through the distiller (student + method; the teacher is called inside it),
 the named loss terms summed, one tiny all-reduce that makes every rank agree on "all terms
-finite" and "stop requested", then backward, clipping, optimizer, EMA and scheduler.
+finite" (a device tensor, `fastkd.step_guard`), then backward, clipping, optimizer, EMA and
+scheduler, each skipping a bad step on the device.
 
-Host syncs are deliberate and few. Per step there is exactly one: reading that agreement
-vector, because skipping an optimizer step is a host-side decision (fp16's GradScaler reads
-its found-inf flag every step for the same reason). Loss terms accumulate on the device and
-are read only every `train.log_interval` steps and at the end of an epoch.
+No device value is read to the host on a step that does not log: loss sums, skipped-step
+counts and the non-finite streak stay on the device and are read every `train.log_interval`
+steps and at the end of an epoch, where a stop request (SIGTERM) is also agreed on and acted
+on. (Exceptions, each documented where it happens: `train.amp: fp16`, whose GradScaler
+contract reads the verdict, and optimizers that cannot take GradScaler's `found_inf`.)
 
 Resume is exact on a fixed seed: the data order and crops are pure functions of
 (seed, epoch, index), the LR schedule and EMA warm-up are functions of the step counter, and
@@ -16,7 +18,7 @@ the checkpoint carries every rank's RNG states, restored at the very point they 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,6 +32,7 @@ from fastkd.checkpoint import (BEST, LAST, TrainPosition, export_student, restor
 from fastkd.config import Config, ConfigError
 from fastkd.distributed import (StopRequest, World, all_reduce_, average_buffers_, barrier,
                                 init_world, seed_everything, shutdown_world)
+from fastkd.step_guard import StepGuard, ema_update_, optimizer_step
 from fastkd.rundir import (LossSums, Progress, RunDir, Throughput, environment_record,
                            format_metrics, open_run)
 
@@ -63,7 +66,7 @@ class RunState:
     epoch_sums: LossSums
     epoch_clock: Throughput | None = None
     pending_rng: dict | None = None
-    nonfinite_streak: int = 0
+    guard: StepGuard = field(default_factory=StepGuard)
     train_seconds: float = 0.0
     samples: int = 0
 
@@ -126,18 +129,13 @@ def current_lr(optimizer: torch.optim.Optimizer) -> float:
 # ------------------------------------------------------------------------------ one epoch
 
 
-def _agree(values: Tensor, stop: bool, world: World) -> tuple[list[bool], bool]:
-    """Per-term finiteness of the stacked loss terms and the stop request, AND-ed over ranks:
-    one small all-reduce and the step's only host read."""
-    finite = values.detach().isfinite().reshape(values.shape[0], -1).all(dim=1)
-    flags = torch.cat([finite.float(), torch.full((1,), float(not stop), device=values.device)])
-    agreed = all_reduce_(flags, world, op="min").tolist()   # `full` is a fill, no host copy
-    return [bool(f) for f in agreed[:-1]], not bool(agreed[-1])
-
-
-def _update(setup: TrainingSetup, loss: Tensor, params: list[nn.Parameter], global_step: int):
-    """Backward, clipping, optimizer step, EMA. GradScaler skips fp16 overflow steps itself."""
+def _update(setup: TrainingSetup, loss: Tensor, ok: Tensor, params: list[nn.Parameter],
+            global_step: int) -> None:
+    """Backward, clipping, optimizer step, EMA; a step with `ok` = 0 changes nothing."""
     cfg, optimizer, scaler = setup.cfg, setup.optimizer, setup.scaler
+    if scaler is not None and not bool(ok):   # fp16: GradScaler's contract reads the verdict
+        optimizer.zero_grad(set_to_none=True)
+        return
     (scaler.scale(loss) if scaler is not None else loss).backward()
     if cfg.train.clip_grad is not None:
         if scaler is not None:
@@ -147,16 +145,16 @@ def _update(setup: TrainingSetup, loss: Tensor, params: list[nn.Parameter], glob
         scaler.step(optimizer)
         scaler.update()
     else:
-        optimizer.step()
+        optimizer_step(optimizer, ok)
     optimizer.zero_grad(set_to_none=True)
     if setup.ema is not None:
-        setup.ema.update(setup.distiller.student, step=global_step)
+        ema_update_(setup.ema, setup.distiller.student, global_step, ok)
 
 
-def train_step(setup: TrainingSetup, state: RunState, batch, params: list[nn.Parameter], *,
-               stop_requested: bool) -> tuple[dict[str, Tensor] | None, bool]:
-    """Forward, agree, update. Returns the step's loss terms (None when the step was skipped
-    for a non-finite term) and whether all ranks agreed to stop after it."""
+def train_step(setup: TrainingSetup, state: RunState, batch, params: list[nn.Parameter]
+               ) -> tuple[dict[str, Tensor], Tensor]:
+    """Forward, agree, update. Returns the step's loss terms and `ok` (a device tensor, 0.0
+    when a term was not finite on some rank: the step then changed nothing)."""
     images, labels, indices = batch
     world, position, amp = setup.world, state.position, setup.amp_dtype
     fraction = position.epoch + position.batch / setup.steps_per_epoch   # 1-based, fractional
@@ -166,20 +164,30 @@ def train_step(setup: TrainingSetup, state: RunState, batch, params: list[nn.Par
         raise ConfigError(f"method '{setup.cfg.distill.method}' returned no loss terms "
                           f"(distill.gt_weight: 0 with a method that has no loss of its own?)")
     values = torch.stack([t.float() for t in terms.values()])   # one stack: checked, summed
-    finite, stop_now = _agree(values, stop_requested, world)
+    ok = state.guard.check(values, world)
     position.global_step += 1
-    if all(finite):
-        _update(setup, values.sum(), params, position.global_step)
-        state.nonfinite_streak = 0
-        return terms, stop_now
-    state.nonfinite_streak += 1
-    if state.nonfinite_streak >= setup.cfg.train.max_nonfinite:
-        bad = [name for name, ok in zip(terms, finite) if not ok]
+    _update(setup, values.sum(), ok, params, position.global_step)
+    return terms, ok
+
+
+def _check_nonfinite(setup: TrainingSetup, state: RunState, names: list[str]) -> None:
+    """At a logging step: stop when `train.max_nonfinite` consecutive steps were bad."""
+    longest, bad = state.guard.verdict()
+    if longest >= setup.cfg.train.max_nonfinite:
+        position = state.position
         raise NonFiniteLoss(
-            f"non-finite loss term(s) {', '.join(bad)} for {state.nonfinite_streak} consecutive "
-            f"steps (epoch {position.epoch}, step {position.batch + 1}); the steps were skipped, "
-            f"no weights changed. Try a lower optim.lr, train.clip_grad, or train.amp=fp32")
-    return None, stop_now
+            f"non-finite loss term(s) {', '.join(names[i] for i in bad)} for {longest} "
+            f"consecutive steps (by epoch {position.epoch}, step {position.batch}); the steps "
+            f"were skipped, no weights changed. Try a lower optim.lr, train.clip_grad, or "
+            f"train.amp=fp32")
+
+
+def _stop_agreed(stop: StopRequest, world: World) -> bool:
+    """Whether any rank was asked to stop (SIGTERM): a host read, at logging steps only."""
+    if not world.distributed:
+        return stop.requested
+    flag = torch.full((1,), float(stop.requested), device=world.device)
+    return bool(all_reduce_(flag, world, op="max").item())
 
 
 def train_one_epoch(setup: TrainingSetup, state: RunState, progress: Progress,
@@ -200,11 +208,8 @@ def train_one_epoch(setup: TrainingSetup, state: RunState, progress: Progress,
         waited = time.perf_counter()
         batch = next(batches)
         waited = time.perf_counter() - waited
-        terms, stop_now = train_step(setup, state, batch, params, stop_requested=stop.requested)
-        if terms is None:
-            window.skipped += 1
-        else:
-            window.add(terms)
+        terms, ok = train_step(setup, state, batch, params)
+        window.add(terms, ok)
         if setup.scheduler is not None:
             setup.scheduler.step_update(num_updates=position.global_step)
         position.batch += 1
@@ -212,8 +217,11 @@ def train_one_epoch(setup: TrainingSetup, state: RunState, progress: Progress,
             c.samples += batch.images.shape[0]
             c.data_wait += waited
         progress.advance()
+        stop_now = False
         if position.batch % cfg.train.log_interval == 0 or position.batch == steps:
             _report(setup, state, progress, window, clock)
+            _check_nonfinite(setup, state, list(terms))
+            stop_now = _stop_agreed(stop, setup.world)
             window, clock = LossSums(), Throughput()
         interval = cfg.train.checkpoint_interval
         if stop_now or (interval and position.global_step % interval == 0 and position.batch < steps):
@@ -286,8 +294,8 @@ def _epoch_end(setup: TrainingSetup, state: RunState) -> dict:
     epoch = position.epoch
     train_seconds = time.perf_counter() - state.epoch_clock.start
     throughput = state.epoch_clock.values(setup.world.world_size)   # training only, not eval
-    row = {"epoch": epoch, **state.epoch_sums.means(setup.world),
-           "skipped_steps": state.epoch_sums.skipped}
+    row = {"epoch": epoch, **state.epoch_sums.means(setup.world)}
+    row["skipped_steps"] = state.epoch_sums.skipped    # set by `means`
     average_buffers_(setup.distiller, setup.world)
     if setup.ema is not None:
         average_buffers_(setup.ema, setup.world)

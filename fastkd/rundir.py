@@ -255,21 +255,30 @@ def environment_record(*, device: torch.device, world_size: int, global_batch: i
 
 
 class LossSums:
-    """Device-side sums of the loss terms over finite steps; never read unless asked."""
+    """Device-side sums of the loss terms over the steps that were not skipped, and the counts
+    of both kinds of steps; nothing is read to the host until `means`."""
 
     def __init__(self):
         self.sums: dict[str, Tensor] = {}
-        self.steps = 0
+        self.counts: Tensor | None = None      # [steps counted, steps skipped], on the device
+        self.steps = 0                         # host copies, set by `means`
         self.skipped = 0
 
-    def add(self, terms: dict[str, Tensor]) -> None:
-        self._accumulate(terms)
-        self.steps += 1
+    def add(self, terms: dict[str, Tensor], ok: Tensor) -> None:
+        """One step's terms; `ok` (device 0/1) says whether the step counted. A skipped step's
+        terms are not finite, so they are masked out, not multiplied by 0."""
+        counted = ok > 0
+        self._accumulate({name: torch.where(counted, value.detach().float(), 0.0)
+                          for name, value in terms.items()})
+        self._count(torch.stack([ok, 1 - ok]).float())
 
     def merge_(self, other: LossSums) -> None:
         self._accumulate(other.sums)
-        self.steps += other.steps
-        self.skipped += other.skipped
+        if other.counts is not None:
+            self._count(other.counts)
+
+    def _count(self, counts: Tensor) -> None:
+        self.counts = counts.clone() if self.counts is None else self.counts.add_(counts)
 
     def _accumulate(self, values: dict[str, Tensor]) -> None:
         """In place (every step: no new tensor per term); a new name starts from an fp32 copy."""
@@ -280,27 +289,29 @@ class LossSums:
                 self.sums[name] = value.detach().to(torch.float32, copy=True)
 
     def means(self, world: World) -> dict[str, float]:
-        """Mean of each term over the finite steps of every rank (a sync and a collective)."""
-        if not self.sums:
+        """Mean of each term over the counted steps of every rank (a sync and a collective);
+        also sets `steps` (all ranks) and `skipped` (this rank's, the same on every rank)."""
+        if self.counts is None:
             return {}
         names = list(self.sums)
-        totals = torch.stack([self.sums[n] for n in names] +
-                             [torch.tensor(float(self.steps), device=self.sums[names[0]].device)])
-        totals = all_reduce_(totals, world).tolist()
-        steps = max(totals[-1], 1.0)
-        means = {name: total / steps for name, total in zip(names, totals)}
+        totals = all_reduce_(torch.cat([torch.stack([self.sums[n] for n in names]), self.counts]),
+                             world).tolist()
+        self.steps, self.skipped = int(totals[-2]), int(totals[-1]) // world.world_size
+        means = {name: total / max(self.steps, 1) for name, total in zip(names, totals)}
         means["train_loss"] = sum(means[n] for n in names)
         return means
 
     def state(self) -> dict[str, Tensor]:
-        return {**self.sums, "_steps": torch.tensor(self.steps), "_skipped": torch.tensor(self.skipped)}
+        counts = self.counts.cpu() if self.counts is not None else torch.zeros(2)
+        return {**self.sums, "_steps": counts[0].long(), "_skipped": counts[1].long()}
 
     @classmethod
     def from_state(cls, state: dict[str, Tensor], device: torch.device) -> LossSums:
         sums = cls()
-        sums.steps = int(state.get("_steps", 0))
-        sums.skipped = int(state.get("_skipped", 0))
         sums.sums = {k: v.to(device) for k, v in state.items() if not k.startswith("_")}
+        if "_steps" in state:
+            sums.counts = torch.tensor([float(state["_steps"]), float(state.get("_skipped", 0))],
+                                       device=device)
         return sums
 
 

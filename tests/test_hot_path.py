@@ -1,0 +1,105 @@
+"""The training step's hot path: no host read of a device value on a step that does not log,
+fused optimizers that skip a bad step on the device, and the apex names refused clearly."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import fastkd.engine as engine
+from fastkd.build import build_optimizer, uses_fused_torch_optimizer
+from fastkd.config import ConfigError, load_config
+from fastkd.rundir import LossSums
+from fastkd.step_guard import optimizer_step
+
+from run_helpers import make_image_folder, teacher_checkpoint, write_config
+
+SYNCS = ("item", "tolist", "__bool__", "cpu", "numpy", "nonzero")
+
+
+def instrument(monkeypatch, calls: list, inside: list) -> None:
+    """Record every Tensor method that forces a device→host copy while `inside` is set."""
+    for name in SYNCS:
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _name=name, _original=original, **kwargs):
+            if inside:
+                calls.append((inside[0], _name))
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    to = torch.Tensor.to
+
+    def spy_to(self, *args, **kwargs):
+        if inside and ("cpu" in args or kwargs.get("device") == "cpu"):
+            calls.append((inside[0], "to('cpu')"))
+        return to(self, *args, **kwargs)
+    monkeypatch.setattr(torch.Tensor, "to", spy_to)
+
+
+def wrap_inside(monkeypatch, owner, name: str, inside: list, step_of) -> None:
+    original = getattr(owner, name)
+
+    def wrapped(*args, **kwargs):
+        inside.append(step_of(*args))
+        try:
+            return original(*args, **kwargs)
+        finally:
+            inside.pop()
+    monkeypatch.setattr(owner, name, wrapped)
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_no_host_read_on_a_step_that_does_not_log(tmp_path, monkeypatch, ema):
+    make_image_folder(tmp_path / "data")
+    config = write_config(tmp_path, distill={"method": "kd"},
+                          teacher={"name": "test_vit", "checkpoint": str(teacher_checkpoint(tmp_path)),
+                                   "kwargs": {"img_size": 32}},
+                          train={"log_interval": 4, "epochs": 1, "ema": ema, "clip_grad": 1.0})
+    calls, inside = [], []
+    wrap_inside(monkeypatch, engine, "train_step", inside,
+                lambda setup, state, *rest: state.position.global_step + 1)
+    wrap_inside(monkeypatch, LossSums, "add", inside, lambda self, *rest: "add")
+    instrument(monkeypatch, calls, inside)
+    engine.train(load_config(config))
+    assert calls == [], f"host reads inside the step: {calls[:10]}"
+
+
+def test_the_spies_do_see_a_host_read(monkeypatch):
+    calls, inside = [], ["probe"]
+    instrument(monkeypatch, calls, inside)
+    torch.ones(2).sum().item()
+    bool(torch.ones(()))
+    torch.ones(2).to("cpu")
+    assert [name for _, name in calls] == ["item", "__bool__", "to('cpu')"]
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adamw"])
+def test_a_skipped_first_step_leaves_the_fused_optimizer_as_new(name):
+    """torch's fused SGD creates its momentum with `empty_like` on the first step: skipped
+    through `found_inf`, that step would leave garbage (`build_optimizer` zeroes them)."""
+    import timm
+    from fastkd.distillers.base import Vanilla
+    assert uses_fused_torch_optimizer(name)
+    cfg = load_config(None, [f"optim.opt={name}"])
+    distiller = Vanilla(timm.create_model("test_resnet", num_classes=4), None, None,
+                        num_classes=4)
+    optimizer = build_optimizer(cfg, distiller, 0.1)
+    assert optimizer.defaults["fused"]
+    before = [p.detach().clone() for p in distiller.parameters()]
+    distiller(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))[1]["loss_gt"].backward()
+    optimizer_step(optimizer, torch.zeros(()))           # a bad step: skipped on the device
+    assert all(torch.equal(a, p) for a, p in zip(before, distiller.parameters()))
+    assert all(not v.any() for state in optimizer.state.values() for v in state.values())
+    optimizer_step(optimizer, torch.ones(()))            # a good step moves the weights
+    assert not all(torch.equal(a, p) for a, p in zip(before, distiller.parameters()))
+    assert all(torch.isfinite(v).all() for s in optimizer.state.values() for v in s.values())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("apex") is not None, reason="apex is installed")
+def test_apex_optimizers_without_apex_are_refused_naming_apex(tmp_path):
+    from fastkd.build import check_runnable
+    make_image_folder(tmp_path / "data")
+    cfg = load_config(write_config(tmp_path), ["optim.opt=fusedsgd"])
+    with pytest.raises(ConfigError, match="apex is not installed"):
+        check_runnable(cfg)
