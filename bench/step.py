@@ -96,10 +96,24 @@ def time_ms(fn, optimizer, repeats: int, device) -> float:
     return statistics.median(times)
 
 
-def bench_row(method: str, pair: str, args, device, amp_dtype) -> dict:
+def bench_rows(method: str, pair: str, args, device, amp_dtype) -> list[dict]:
+    """One row per `--teacher-weights` variant: the teacher's weights as fastkd keeps them (in
+    the AMP dtype, cast once) and, for comparison, in fp32 (cast by autocast at every call)."""
     teacher_name, student_name = pair.split(":")
     cfg, distiller, teacher, optimizer = build_parts(method, teacher_name, student_name, args,
                                                      device)
+    rows = []
+    for weights in args.teacher_weights.split(","):
+        if weights == "fp32":
+            teacher.model.float()
+        rows.append(bench_row(distiller, teacher, optimizer, method, pair, weights, args,
+                              device, amp_dtype))
+    return rows
+
+
+def bench_row(distiller, teacher, optimizer, method: str, pair: str, weights: str, args, device,
+              amp_dtype) -> dict:
+    teacher_name, student_name = pair.split(":")
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     images = images.to(amp_dtype or torch.float32).contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, args.classes, (args.batch_size,), device=device)
@@ -112,6 +126,7 @@ def bench_row(method: str, pair: str, args, device, amp_dtype) -> dict:
         parts[f"{name}_ms"] = max(cumulative[name] - previous, 0.0)
         previous = cumulative[name]
     return {"method": method, "pair": f"{teacher_name} -> {student_name}",
+            "teacher_weights": weights,
             "config": f"{args.img_size} px, batch {args.batch_size}, {args.amp}, channels_last",
             **parts, "step_ms": cumulative["optimizer"],
             "img/s": 1e3 * args.batch_size / cumulative["optimizer"]}
@@ -126,6 +141,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=None, help="20 on a GPU, 3 on a CPU")
     parser.add_argument("--amp", choices=("bf16", "fp16", "fp32"), default="bf16")
+    parser.add_argument("--teacher-weights", default="amp",
+                        help="amp (cast once, as fastkd runs) and/or fp32 (cast by autocast at "
+                             "every call, as before), e.g. amp,fp32 for a side-by-side")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--out", default=default_out("step"))
     return parser
@@ -144,13 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     combos = [(m, p) for p in args.pairs.split(",") for m in args.methods.split(",")]
     with progress(len(combos), "step rows") as bar:
         for method, pair in combos:
-            rows.append(bench_row(method, pair, args, device, AMP_DTYPES[args.amp]))
+            rows += bench_rows(method, pair, args, device, AMP_DTYPES[args.amp])
             bar.update()
     notes = ("Synthetic on-device tensors, random weights. Cumulative variants timed separately "
              "(median of the repeats after two warm-up runs); each part is the difference to the "
              "previous variant: student fwd+bwd, + teacher forward, + the method's projectors and "
              "losses, + optimizer step.")
-    labels = [f"{r['method']} {r['pair'].split(' -> ')[0].split('_')[0]}" for r in rows]
+    labels = [f"{r['method']} {r['pair'].split(' -> ')[0].split('_')[0]} {r['teacher_weights']}"
+              for r in rows]
     write_report("step", rows, args.out, notes=notes, chart=lambda path: stacked_chart(
         path, labels, {part: [r[f"{part}_ms"] for r in rows] for part in PARTS},
         title=f"where a KD step's time goes ({rows[0]['config']}, {device.type})",

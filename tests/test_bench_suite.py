@@ -12,7 +12,7 @@ from fastkd.cli import main as cli_main
 TINY_E2E = ["--student", "test_resnet", "--teacher", "test_convnext", "--img-size", "32",
             "--batch-size", "4", "--steps", "1", "--warmup-steps", "1", "--repeats", "1",
             "--images", "20", "--device", "cpu"]
-TINY_STEP = ["--pairs", "test_vit:test_resnet", "--methods", "kd,ofa", "--img-size", "32",
+TINY_STEP = ["--pairs", "test_vit:test_resnet", "--methods", "kd,ofa", "--teacher-weights", "amp,fp32", "--img-size", "32",
              "--batch-size", "2", "--repeats", "1", "--classes", "10", "--device", "cpu"]
 
 
@@ -45,7 +45,8 @@ def test_e2e_lanes_can_be_chosen(tmp_path):
 def test_step_splits_the_step_into_its_parts(tmp_path):
     assert step.main([*TINY_STEP, "--out", str(tmp_path)]) == 0
     rows = report(tmp_path)["rows"]
-    assert [row["method"] for row in rows] == ["kd", "ofa"]
+    assert [(row["method"], row["teacher_weights"]) for row in rows] == [
+        ("kd", "amp"), ("kd", "fp32"), ("ofa", "amp"), ("ofa", "fp32")]
     for row in rows:
         parts = sum(row[f"{part}_ms"] for part in step.PARTS)
         assert parts >= row["step_ms"] - 1e-6 and row["student_ms"] > 0

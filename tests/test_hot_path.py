@@ -103,3 +103,24 @@ def test_apex_optimizers_without_apex_are_refused_naming_apex(tmp_path):
     cfg = load_config(write_config(tmp_path), ["optim.opt=fusedsgd"])
     with pytest.raises(ConfigError, match="apex is not installed"):
         check_runnable(cfg)
+
+
+@pytest.mark.parametrize("name, kwargs", [("test_resnet", {}), ("test_vit", {"img_size": 32}),
+                                          ("test_convnext", {})])
+def test_the_teacher_is_cast_once_and_its_logits_stay_within_bf16_rounding(name, kwargs):
+    import copy
+    import timm
+    from fastkd.models import Teacher, is_norm_layer
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10, **kwargs).eval()
+    reference = copy.deepcopy(model)
+    teacher = Teacher(model, amp_dtype=torch.bfloat16)
+    for module in teacher.model.modules():
+        expected = torch.float32 if is_norm_layer(module) else torch.bfloat16
+        for param in module.parameters(recurse=False):
+            assert param.dtype == expected, (type(module).__name__, param.dtype)
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = reference(images).float()      # fp32 weights, cast by autocast every call
+    after = teacher.logits(images)
+    assert (after - before).abs().max() <= 4 * 2**-8 * before.abs().max()
