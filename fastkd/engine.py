@@ -333,7 +333,7 @@ def train(cfg: Config, *, resume: str | Path | None = None) -> RunResult:
     world = init_world(cfg.train.device)
     stop = StopRequest()
     stop.install()
-    state = None
+    state = setup = None
     try:
         cfg, run_dir, checkpoint = open_run(cfg, resume, world)
         # Same seed on every rank while building (identical initial weights, so the EMA copies
@@ -358,6 +358,8 @@ def train(cfg: Config, *, resume: str | Path | None = None) -> RunResult:
         return _result(setup, state, row=last_row)
     finally:
         stop.uninstall()
+        if setup is not None:
+            setup.close()
         if state is not None:
             state.run_dir.close()
         shutdown_world(world)

@@ -38,6 +38,9 @@ class PlannedLoader:
     def __len__(self) -> int:
         return len(self.plan)
 
+    def close(self) -> None:
+        """Release worker processes or threads (the loader is not used afterwards)."""
+
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         if not 0 <= start_batch <= len(self.plan):
             raise ValueError(f"start_batch {start_batch} outside 0..{len(self.plan)}")

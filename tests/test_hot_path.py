@@ -124,3 +124,13 @@ def test_the_teacher_is_cast_once_and_its_logits_stay_within_bf16_rounding(name,
         before = reference(images).float()      # fp32 weights, cast by autocast every call
     after = teacher.logits(images)
     assert (after - before).abs().max() <= 4 * 2**-8 * before.abs().max()
+
+
+def test_a_torch_loader_run_leaves_no_worker_behind(tmp_path):
+    """Persistent DataLoader workers used to outlive `train()` and hold the process exit for
+    about 20 s; the engine now shuts them down itself."""
+    import multiprocessing
+    make_image_folder(tmp_path / "data")
+    engine.train(load_config(write_config(tmp_path, data={"num_workers": 2},
+                                          train={"epochs": 1})))
+    assert multiprocessing.active_children() == []

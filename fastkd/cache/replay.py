@@ -193,3 +193,4 @@ class CachedBatches:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.loader.close()
