@@ -339,10 +339,20 @@ class TrainingSetup:
             loader.close()
 
 
+def configure_backends(cfg: Config, device: torch.device) -> None:
+    """cuDNN picks the fastest convolution algorithms for the (fixed) training input size;
+    fp32 matmuls and convolutions use TF32 unless `train.tf32: false` asks for exact fp32."""
+    if device.type == "cuda":   # on a CPU fp32 stays exact either way
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+        torch.set_float32_matmul_precision("high" if cfg.train.tf32 else "highest")
+
+
 def build_training(cfg: Config, world: World) -> TrainingSetup:
     """The run's parts, in the order the module docstring gives; the caller (`engine.train`)
     has already refused what `check_runnable` refuses, before touching the run directory."""
     device = world.device
+    configure_backends(cfg, device)
     method = get_distiller_class(cfg.distill.method)
     index_splits_first_on_rank0(cfg, world)
     num_classes = count_classes(cfg)

@@ -125,6 +125,7 @@ class TrainConfig:
     eval_interval: int = 1                   # epochs between evaluations
     checkpoint_interval: int = 0             # steps between mid-epoch checkpoints (0: epoch ends only)
     compile: bool = False                    # torch.compile the student
+    tf32: bool = True                        # TF32 matmuls/convolutions on a GPU; false: exact fp32
 
 
 @dataclass(frozen=True)

@@ -134,3 +134,18 @@ def test_a_torch_loader_run_leaves_no_worker_behind(tmp_path):
     engine.train(load_config(write_config(tmp_path, data={"num_workers": 2},
                                           train={"epochs": 1})))
     assert multiprocessing.active_children() == []
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_a_gpu_run_turns_on_cudnn_autotuning_and_tf32_unless_asked_not_to(monkeypatch, tf32):
+    from fastkd.build import configure_backends
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", not tf32)
+    precision = torch.get_float32_matmul_precision()
+    try:
+        configure_backends(load_config(None, [f"train.tf32={str(tf32).lower()}"]),
+                           torch.device("cuda"))
+        assert torch.backends.cudnn.benchmark and torch.backends.cudnn.allow_tf32 == tf32
+        assert torch.get_float32_matmul_precision() == ("high" if tf32 else "highest")
+    finally:
+        torch.set_float32_matmul_precision(precision)
