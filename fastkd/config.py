@@ -36,6 +36,7 @@ class DataConfig:
     dali_device: Literal["auto", "cpu", "gpu"] = "auto"
     hw_decoder_load: float = 0.65            # share of JPEGs sent to the hardware decoder
     num_workers: int = 4                     # DALI threads / DataLoader workers per process
+    prefetch: int | None = None              # batches prepared ahead (DALI); None: 3 GPU, 2 CPU
     img_size: int | None = None              # None: the student's default input size
     crop_pct: float | None = None            # eval resize = img_size / crop_pct, then center crop
     interpolation: str | None = None

@@ -9,6 +9,8 @@ batches may vary in size), so no sample is dropped or repeated beyond the rank p
 """
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
+
 import numpy as np
 import torch
 from nvidia.dali.backend import TensorGPU
@@ -23,26 +25,51 @@ from .settings import ImageSettings, parse_rand_augment
 
 
 class PlanSource:
-    """External-source callback: `BatchInfo.iteration` -> the inputs of one planned batch."""
+    """External-source callback: `BatchInfo.iteration` -> the inputs of one planned batch.
+
+    DALI calls it on the thread that runs the pipeline, which is the training thread; the
+    files of the next `read_ahead` batches are therefore read by a background thread (file
+    reads release the GIL), so the callback finds their bytes waiting."""
 
     def __init__(self, index: DatasetIndex, plan: ShardPlan, settings: ImageSettings,
-                 crop_plan: CropPlan | None):
+                 crop_plan: CropPlan | None, read_ahead: int = 2):
         self.index, self.plan, self.settings, self.crop_plan = index, plan, settings, crop_plan
         self.batches, self.epoch = [], 0
+        self.read_ahead = read_ahead
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastkd-read")
+        self._reads: dict[int, Future] = {}
 
     def start(self, epoch: int, start_batch: int) -> None:
+        self.stop()
         self.epoch = epoch
         self.batches = list(self.plan.batches(epoch, start_batch))
 
     def stop(self) -> None:
         """Make every further request end the epoch (used to abandon an epoch midway)."""
         self.batches = []
+        for future in self._reads.values():
+            future.cancel()
+        self._reads = {}
+
+    def close(self) -> None:
+        self.stop()
+        self._reader.shutdown(wait=False, cancel_futures=True)
+
+    def _read(self, ids: np.ndarray) -> list[np.ndarray]:
+        return [np.fromfile(self.index.full_path(i), dtype=np.uint8) for i in ids]
+
+    def _encoded(self, iteration: int) -> list[np.ndarray]:
+        """This batch's file bytes, with the reads of the next batches started."""
+        for ahead in range(iteration, min(iteration + 1 + self.read_ahead, len(self.batches))):
+            if ahead not in self._reads:
+                self._reads[ahead] = self._reader.submit(self._read, self.batches[ahead][0])
+        return self._reads.pop(iteration).result()
 
     def __call__(self, info):
         if info.iteration >= len(self.batches):
             raise StopIteration
         ids, indices = self.batches[info.iteration]
-        encoded = [np.fromfile(self.index.full_path(i), dtype=np.uint8) for i in ids]
+        encoded = self._encoded(info.iteration)
         labels = self.index.labels[ids]
         heights, widths = self.index.heights[ids], self.index.widths[ids]
         if self.crop_plan is None:
@@ -65,8 +92,10 @@ class DaliLoader(PlannedLoader):
         self.kind = "dali-gpu" if on_gpu else "dali-cpu"
         self.channels_last, self.on_gpu = channels_last, on_gpu
         self._in_flight = False   # an epoch was left before DALI reported its end
-        self.source = PlanSource(index, plan, settings, crop_plan)
+        depth = data.prefetch or (3 if on_gpu else 2)   # batches prepared ahead of the step
+        self.source = PlanSource(index, plan, settings, crop_plan, read_ahead=depth)
         common = dict(source=self.source, settings=settings, on_gpu=on_gpu,
+                      prefetch_queue_depth=depth,
                       hw_decoder_load=data.hw_decoder_load,
                       fp16=amp_dtype == torch.float16, channels_last=channels_last,
                       batch_size=plan.batch_size, num_threads=max(1, data.num_workers),
@@ -85,16 +114,27 @@ class DaliLoader(PlannedLoader):
         self.source.start(self.epoch, self.start_batch)
         self._in_flight = True
         for batch_no in range(self.start_batch, len(self.plan)):
-            images, labels, indices = (self._to_torch(out) for out in self.pipe.run())
+            images, labels, indices = (self._to_torch(out) for out in self._run())
             if self.channels_last:   # NHWC -> a channels_last NCHW view, without a copy
                 images = images.permute(0, 3, 1, 2)
             yield self.finisher(images, labels, indices, self.epoch, batch_no)
         self._end_epoch()
 
+    def _run(self):
+        """One batch. A GPU pipeline runs on torch's current CUDA stream, as DALI's own
+        framework iterators do, so its outputs are ordered before the step's kernels on the
+        device, without the host waiting for them."""
+        if not self.on_gpu:
+            return self.pipe.run()
+        return self.pipe.run(torch.cuda.current_stream(self.device).cuda_stream)
+
+    def close(self) -> None:
+        self.source.close()
+
     def _end_epoch(self) -> None:
         """Consume DALI's end-of-epoch signal and rewind it for the next `__iter__`."""
         try:
-            self.pipe.run()
+            self._run()
         except StopIteration:
             self.pipe.reset()
             self._in_flight = False
@@ -106,7 +146,7 @@ class DaliLoader(PlannedLoader):
         self.source.stop()
         while True:
             try:
-                self.pipe.run()
+                self._run()
             except StopIteration:
                 break
         self.pipe.reset()

@@ -78,7 +78,12 @@ def train_pipeline(source, settings: ImageSettings, on_gpu: bool, hw_decoder_loa
                        interp_type=INTERPOLATION[settings.interpolation])
     images = strong_augment(images, settings, rand_augment=rand_augment, color_jitter=color_jitter)
     images = normalize(images, settings, mirror=flip, fp16=fp16, channels_last=channels_last)
-    return images, labels, indices
+    return (images, *_on_device(on_gpu, labels, indices))
+
+
+def _on_device(on_gpu: bool, *outputs):
+    """Labels and indices leave a GPU graph on the GPU (no pageable host copy per batch)."""
+    return tuple(out.gpu() for out in outputs) if on_gpu else outputs
 
 
 @pipeline_def
@@ -93,4 +98,4 @@ def eval_pipeline(source, settings: ImageSettings, on_gpu: bool, hw_decoder_load
                        roi_end=roi_end, roi_relative=False, antialias=True,
                        interp_type=INTERPOLATION[settings.interpolation])
     images = normalize(images, settings, mirror=0, fp16=fp16, channels_last=channels_last)
-    return images, labels, indices
+    return (images, *_on_device(on_gpu, labels, indices))

@@ -149,3 +149,25 @@ def test_a_gpu_run_turns_on_cudnn_autotuning_and_tf32_unless_asked_not_to(monkey
         assert torch.get_float32_matmul_precision() == ("high" if tf32 else "highest")
     finally:
         torch.set_float32_matmul_precision(precision)
+
+
+@pytest.mark.gpu
+def test_steady_state_steps_on_a_gpu_never_synchronize(tmp_path, monkeypatch):
+    """torch's own detector: any synchronizing CUDA call inside a non-logging step raises."""
+    make_image_folder(tmp_path / "data")
+    config = write_config(tmp_path, distill={"method": "kd"},
+                          teacher={"name": "test_vit", "kwargs": {"img_size": 32}},
+                          data={"loader": "auto"},
+                          train={"device": "cuda", "amp": "bf16", "log_interval": 4,
+                                 "epochs": 2, "ema": True})
+    original = engine.train_step
+
+    def strict(setup, state, *args):
+        warm = state.position.global_step >= 2        # first steps: cuDNN autotuning, allocations
+        torch.cuda.set_sync_debug_mode("error" if warm else "default")
+        try:
+            return original(setup, state, *args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    monkeypatch.setattr(engine, "train_step", strict)
+    engine.train(load_config(config))
