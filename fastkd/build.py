@@ -32,6 +32,7 @@ from fastkd.models import (Teacher, create_student, create_teacher, load_state_d
                            model_data_config, model_family)
 from fastkd.pipelines import DataError, build_loader, load_index
 from fastkd.pipelines.settings import resolve_image_settings
+from fastkd.threads import ThreadBudget, apply_threads, plan_threads
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
@@ -324,6 +325,7 @@ class TrainingSetup:
     lr_rule: str
     student_info: dict = field(default_factory=dict)
     teacher_source: str = "online"   # or where the teacher cache it replays lives
+    threads: ThreadBudget | None = None
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -353,6 +355,10 @@ def build_training(cfg: Config, world: World) -> TrainingSetup:
     has already refused what `check_runnable` refuses, before touching the run directory."""
     device = world.device
     configure_backends(cfg, device)
+    threads = plan_threads(cfg.data.num_workers, cfg.train.cpu_threads,
+                           on_gpu=device.type == "cuda")
+    apply_threads(threads)
+    cfg = replace(cfg, data={"num_workers": threads.loader})
     method = get_distiller_class(cfg.distill.method)
     index_splits_first_on_rank0(cfg, world)
     num_classes = count_classes(cfg)
@@ -404,7 +410,7 @@ def build_training(cfg: Config, world: World) -> TrainingSetup:
                          model=wrap_ddp(distiller, world), teacher=teacher, optimizer=optimizer,
                          scheduler=scheduler, scaler=scaler, ema=ema, train_loader=train_loader,
                          val_loader=val_loader, steps_per_epoch=steps, lr=lr, lr_rule=lr_rule,
-                         student_info=info, teacher_source=teacher_source)
+                         student_info=info, teacher_source=teacher_source, threads=threads)
 
 
 def build_evaluation(cfg: Config, world: World, checkpoint: str | Path | None = None

@@ -127,6 +127,7 @@ class TrainConfig:
     checkpoint_interval: int = 0             # steps between mid-epoch checkpoints (0: epoch ends only)
     compile: bool = False                    # torch.compile the student
     tf32: bool = True                        # TF32 matmuls/convolutions on a GPU; false: exact fp32
+    cpu_threads: int | None = None           # torch threads; None: budget with the loader (threads.py)
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,7 @@ def start_state(setup: TrainingSetup, run_dir: RunDir, checkpoint: dict | None) 
                              lr_rule=setup.lr_rule, loader=setup.train_loader.kind)
     if setup.teacher is not None:
         env["teacher"] = {"name": cfg.teacher.name, "source": setup.teacher_source}
+    env["threads"] = setup.threads.record()
     run_dir.write_env(env, resumed_at=None if checkpoint is None else
                       {"epoch": position.epoch, "batch": position.batch})
     if cfg.output.tensorboard:
@@ -111,7 +112,8 @@ def start_state(setup: TrainingSetup, run_dir: RunDir, checkpoint: dict | None) 
                 f"{setup.distiller.extra_parameter_count() / 1e6:.2f}M), teacher "
                 f"{teacher}; {world.world_size} "
                 f"process(es) on {world.device}, global batch {cfg.train.batch_size * world.world_size}, "
-                f"{setup.steps_per_epoch} steps/epoch, {setup.train_loader.kind} loader; "
+                f"{setup.steps_per_epoch} steps/epoch, {setup.train_loader.kind} loader, "
+                f"{setup.threads.describe()}; "
                 f"lr {setup.lr_rule}")
     return state
 

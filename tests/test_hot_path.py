@@ -171,3 +171,31 @@ def test_steady_state_steps_on_a_gpu_never_synchronize(tmp_path, monkeypatch):
             torch.cuda.set_sync_debug_mode("default")
     monkeypatch.setattr(engine, "train_step", strict)
     engine.train(load_config(config))
+
+
+@pytest.mark.parametrize("cores, workers, on_gpu, loader, threads", [
+    (2, 4, False, 1, 1), (8, 4, False, 4, 4), (16, 8, False, 8, 8), (2, 0, False, 0, 2),
+    (16, 4, True, 4, 12), (1, 2, False, 1, 1)])
+def test_the_thread_budget_never_oversubscribes(cores, workers, on_gpu, loader, threads):
+    from fastkd.threads import plan_threads
+    budget = plan_threads(workers, None, on_gpu=on_gpu, cores=cores)
+    assert (budget.loader, budget.torch) == (loader, threads)
+    assert budget.loader + budget.torch <= max(cores, 2)
+
+
+def test_the_thread_budget_is_recorded_and_can_be_overridden(tmp_path):
+    import json
+    from fastkd.threads import usable_cores
+    make_image_folder(tmp_path / "data")
+    run = engine.train(load_config(write_config(tmp_path, data={"num_workers": 8},
+                                                train={"epochs": 1})))
+    record = json.loads((run.run_dir / "env.json").read_text())
+    record = record.get("threads") or record["runs"][-1]["threads"]
+    cores = usable_cores()
+    assert record["cores"] == cores and record["loader"] + record["torch"] <= max(cores, 2)
+    assert "torch + " in (run.run_dir / "log.txt").read_text()
+    run = engine.train(load_config(write_config(tmp_path, train={"epochs": 1, "cpu_threads": 1}),
+                                   ["output.name=override"]))
+    record = json.loads((run.run_dir / "env.json").read_text())
+    record = record.get("threads") or record["runs"][-1]["threads"]
+    assert record["torch"] == 1 and record["rule"] == "train.cpu_threads"

@@ -22,7 +22,7 @@ import torch
 
 import fastkd
 from fastkd.build import amp_dtype, build_teacher, count_classes, index_splits_first_on_rank0
-from fastkd.config import Config, ConfigError, config_to_dict
+from fastkd.config import Config, ConfigError, config_to_dict, replace
 from fastkd.distillers import build_params, get_distiller_class
 from fastkd.distributed import World, barrier, init_world, shutdown_world
 from fastkd.losses import topk_from_logits
@@ -31,6 +31,7 @@ from fastkd.pipelines import build_loader, load_index
 from fastkd.pipelines.sampling import RankBatch
 from fastkd.pipelines.settings import resolve_image_settings
 from fastkd.projectors import pooled_dim
+from fastkd.threads import apply_threads, plan_threads
 
 from .identity import (data_fingerprint, image_identity, plan_identity, refuse, static_mismatches,
                        teacher_identity, unreplayable_augmentation)
@@ -270,6 +271,10 @@ def build_cache(cfg: Config, *, batch_size: int | None = None) -> Path:
     check_cacheable(cfg)
     directory = Path(cfg.cache.dir)
     world = init_world(cfg.train.device)
+    threads = plan_threads(cfg.data.num_workers, cfg.train.cpu_threads,
+                           on_gpu=world.device.type == "cuda")
+    apply_threads(threads)
+    cfg = replace(cfg, data={"num_workers": threads.loader})
     try:
         index_splits_first_on_rank0(cfg, world)
         num_classes = count_classes(cfg)

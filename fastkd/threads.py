@@ -1,0 +1,55 @@
+"""The CPU thread budget of one process: loader threads + torch's intra-op threads ≤ its cores.
+
+torch's OpenMP threads spin while they wait for each other; when the loader's threads (DALI's
+CPU threads or DataLoader workers) or another process take one of their cores, every parallel
+region waits for the descheduled thread. On a 2-core machine with one other busy process the
+same run went from 1,605 img/s with one torch thread to 18 img/s with torch's default. So the
+cores this process may use (`os.sched_getaffinity`, shared by the processes torchrun starts on
+the node) are split between the loader and torch, never oversubscribed.
+
+`train.cpu_threads` overrides the split: that many torch threads, and `data.num_workers` loader
+threads as written. The choice is written to env.json and the run's start line.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ThreadBudget:
+    cores: int            # usable by this process
+    loader: int           # DALI threads / DataLoader workers
+    torch: int            # torch intra-op threads
+    rule: str             # how it was chosen
+
+    def describe(self) -> str:
+        return f"{self.torch} torch + {self.loader} loader threads on {self.cores} core(s)"
+
+    def record(self) -> dict:
+        return asdict(self)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on, shared with the other local ranks of a torchrun job."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, (cores or 1) // max(1, local))
+
+
+def plan_threads(num_workers: int, cpu_threads: int | None, *, on_gpu: bool,
+                 cores: int | None = None) -> ThreadBudget:
+    """The split. On a CPU the loader gets at most half the cores (decoding is lighter than
+    the models' compute); on a GPU torch needs one thread and the loader the rest."""
+    cores = cores or usable_cores()
+    if cpu_threads is not None:
+        return ThreadBudget(cores, max(1, num_workers), cpu_threads, "train.cpu_threads")
+    share = cores - 1 if on_gpu else cores // 2
+    loader = min(num_workers, max(1, share))   # 0 stays 0: a DataLoader without workers
+    return ThreadBudget(cores, loader, max(1, cores - loader), "auto: loader + torch <= cores")
+
+
+def apply_threads(budget: ThreadBudget) -> None:
+    torch.set_num_threads(budget.torch)
