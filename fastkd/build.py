@@ -91,7 +91,7 @@ def index_splits_first_on_rank0(cfg: Config, world: World) -> None:
     if world.distributed and world.rank == 0:
         for split in (cfg.data.train_split, cfg.data.val_split):
             try:
-                load_index(cfg.data.root, split, workers=max(4, cfg.data.num_workers))
+                load_index(cfg.data.root, split, workers=max(4, cfg.data.num_workers or 0))
             except (DataError, FileNotFoundError):
                 pass   # reported below by the loader that needs the split, on every rank
     barrier(world)
@@ -106,7 +106,8 @@ def count_classes(cfg: Config) -> int:
     errors = []
     for split in (cfg.data.train_split, cfg.data.val_split):
         try:
-            return len(load_index(cfg.data.root, split, workers=max(4, cfg.data.num_workers)).classes)
+            return len(load_index(cfg.data.root, split,
+                                  workers=max(4, cfg.data.num_workers or 0)).classes)
         except (DataError, FileNotFoundError) as error:
             errors.append(str(error))
     raise ConfigError(f"data.root: cannot count the classes: {'; '.join(dict.fromkeys(errors))}")
@@ -350,15 +351,21 @@ def configure_backends(cfg: Config, device: torch.device) -> None:
         torch.set_float32_matmul_precision("high" if cfg.train.tf32 else "highest")
 
 
+def budget_threads(cfg: Config, device: torch.device) -> tuple[Config, ThreadBudget]:
+    """Apply the CPU thread budget (`fastkd.threads`); the config's `data.num_workers` becomes
+    the loader's share."""
+    threads = plan_threads(cfg.data.num_workers, cfg.train.cpu_threads,
+                           on_gpu=device.type == "cuda")
+    apply_threads(threads)
+    return replace(cfg, data={"num_workers": threads.loader}), threads
+
+
 def build_training(cfg: Config, world: World) -> TrainingSetup:
     """The run's parts, in the order the module docstring gives; the caller (`engine.train`)
     has already refused what `check_runnable` refuses, before touching the run directory."""
     device = world.device
     configure_backends(cfg, device)
-    threads = plan_threads(cfg.data.num_workers, cfg.train.cpu_threads,
-                           on_gpu=device.type == "cuda")
-    apply_threads(threads)
-    cfg = replace(cfg, data={"num_workers": threads.loader})
+    cfg, threads = budget_threads(cfg, device)
     method = get_distiller_class(cfg.distill.method)
     index_splits_first_on_rank0(cfg, world)
     num_classes = count_classes(cfg)
@@ -417,6 +424,7 @@ def build_evaluation(cfg: Config, world: World, checkpoint: str | Path | None = 
                      ) -> tuple[dict[str, nn.Module], object]:
     """The student (and its EMA when a fastkd checkpoint holds one) with the weights of
     `checkpoint`, or of `model.checkpoint` when none is given, plus the validation loader."""
+    cfg, _ = budget_threads(cfg, world.device)
     saved = weights = None
     if checkpoint is not None:
         cfg = replace(cfg, model={"checkpoint": None, "pretrained": False})

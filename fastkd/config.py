@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ class DataConfig:
     loader: Literal["auto", "dali", "torch"] = "auto"
     dali_device: Literal["auto", "cpu", "gpu"] = "auto"
     hw_decoder_load: float = 0.65            # share of JPEGs sent to the hardware decoder
-    num_workers: int = 4                     # DALI threads / DataLoader workers per process
+    num_workers: int | None = None           # DALI threads / DataLoader workers; None: threads.py
     prefetch: int | None = None              # batches prepared ahead (DALI); None: 3 GPU, 2 CPU
     img_size: int | None = None              # None: the student's default input size
     crop_pct: float | None = None            # eval resize = img_size / crop_pct, then center crop
@@ -230,11 +231,16 @@ def _coerce_tuple(value: Any, args: tuple, key: str, hint: Any) -> tuple:
     return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
 
 
+_DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def _coerce_scalar(value: Any, hint: Any, key: str) -> Any:
     if hint is Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+        return float(value)   # YAML 1.1 reads 1e-3 (no dot in the mantissa) as a string
     if hint is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: {value!r} is not a boolean (use true or false)")
     if hint is int and isinstance(value, bool):

@@ -18,6 +18,7 @@ import numpy as np
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "demo"
 IMAGE_SIZE = 32
+EXIT_PREEMPTED = 143   # as the signal would, like `fastkd train`
 VAL_FRACTION = 0.2
 SPLIT_SEED = 0
 
@@ -112,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         name = f"output.name={run_name}-{stamp}"  # a rerun never meets an old run
         result = run_step(config_name, overrides + [name])
+        if result.preempted:      # SIGTERM: the run wrote its checkpoint; stop the demo too
+            print(f"[demo] stopped by SIGTERM during '{label}'; its checkpoint is in "
+                  f"{result.run_dir}: continue that run with `fastkd train --resume "
+                  f"{result.run_dir}`, or run `fastkd demo --out {out}` again", flush=True)
+            return EXIT_PREEMPTED
         wall = time.perf_counter() - start
         if teacher_weights is None:
             teacher_weights = Path(result.run_dir) / "student.safetensors"

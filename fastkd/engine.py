@@ -335,7 +335,7 @@ def train(cfg: Config, *, resume: str | Path | None = None) -> RunResult:
     world = init_world(cfg.train.device)
     stop = StopRequest()
     stop.install()
-    state = setup = None
+    state = setup = run_dir = None
     try:
         cfg, run_dir, checkpoint = open_run(cfg, resume, world)
         # Same seed on every rank while building (identical initial weights, so the EMA copies
@@ -362,8 +362,8 @@ def train(cfg: Config, *, resume: str | Path | None = None) -> RunResult:
         stop.uninstall()
         if setup is not None:
             setup.close()
-        if state is not None:
-            state.run_dir.close()
+        if run_dir is not None:
+            run_dir.close()
         shutdown_world(world)
 
 

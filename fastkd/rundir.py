@@ -7,6 +7,7 @@ Layout of `output.dir/<name>` (name default `<method>-<student>-<YYYYmmdd-HHMMSS
     summary.csv          one row per epoch (timm's habit): epoch, loss terms, train_loss,
                          eval_top1/top5, ema_top1/top5, lr, img_per_sec, data_wait, epoch_seconds
     log.txt              the progress lines
+    .lock                held (flock) by the run writing here: host and pid
     tensorboard/         event files (when output.tensorboard)
     last.pt, best.pt     training checkpoints (fastkd.checkpoint)
     student.safetensors  the student alone, loadable by timm; student.json describes it
@@ -16,6 +17,7 @@ Only rank 0 writes; on other ranks every method is a no-op, so callers need no r
 from __future__ import annotations
 
 import csv
+import fcntl
 import datetime as _dt
 import json
 import logging
@@ -24,6 +26,7 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,8 +39,8 @@ from fastkd.checkpoint import LAST, load_checkpoint, resume_config
 from fastkd.config import Config, ConfigError, dump_config, replace
 from fastkd.distributed import World, all_reduce_, broadcast_object
 
-CONFIG_FILE, ENV_FILE, SUMMARY_FILE, LOG_FILE, TB_DIR = (
-    "config.yaml", "env.json", "summary.csv", "log.txt", "tensorboard")
+CONFIG_FILE, ENV_FILE, SUMMARY_FILE, LOG_FILE, TB_DIR, LOCK_FILE = (
+    "config.yaml", "env.json", "summary.csv", "log.txt", "tensorboard", ".lock")
 
 
 def default_run_name(cfg: Config) -> str:
@@ -59,6 +62,7 @@ class RunDir:
         self.path = Path(path)
         self.writer = writer
         self._tensorboard = None
+        self._lock = None
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -77,12 +81,40 @@ class RunDir:
         between its summary row and its checkpoint redoes that epoch), write config.yaml."""
         if not self.writer:
             return
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.lock()
         if checkpoint is None:
             self.check_free()
-            self.path.mkdir(parents=True, exist_ok=True)
         else:
             self.truncate_summary(checkpoint["position"]["epoch"] - 1)
         self.write_config(cfg)
+
+    def lock(self) -> None:
+        """Hold an exclusive lock on the directory for the life of the run, so two runs never
+        interleave their files. The kernel drops an `flock` when its process dies, so a lock
+        file left by a killed run is taken over (with a warning naming it); a live holder
+        makes this run stop with exit 2, naming host and pid. (`flock` is per host: on a
+        shared file system it does not see a run on another machine.)"""
+        handle = open(self.file(LOCK_FILE), "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise ConfigError(f"{self.path} is in use by a running fastkd ({holder}); wait for "
+                              f"it, or set another output.name") from None
+        handle.seek(0)
+        previous = handle.read().strip()
+        if previous:
+            warnings.warn(f"{self.path}: taking over the lock of a run that is no longer "
+                          f"running ({previous})", stacklevel=2)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"host {platform.node()}, pid {os.getpid()}, since "
+                     f"{_dt.datetime.now().astimezone().isoformat(timespec='seconds')}\n")
+        handle.flush()
+        self._lock = handle
 
     def write_config(self, cfg: Config) -> None:
         if self.writer:
@@ -164,6 +196,11 @@ class RunDir:
         if self._tensorboard is not None:
             self._tensorboard.close()
             self._tensorboard = None
+        if self._lock is not None:     # empty file, unlocked: the run ended cleanly
+            self._lock.truncate(0)
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
 
 
 def open_run(cfg: Config, resume: str | Path | None, world: World

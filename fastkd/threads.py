@@ -39,15 +39,18 @@ def usable_cores() -> int:
     return max(1, (cores or 1) // max(1, local))
 
 
-def plan_threads(num_workers: int, cpu_threads: int | None, *, on_gpu: bool,
+def plan_threads(num_workers: int | None, cpu_threads: int | None, *, on_gpu: bool,
                  cores: int | None = None) -> ThreadBudget:
     """The split. On a CPU the loader gets at most half the cores (decoding is lighter than
-    the models' compute); on a GPU torch needs one thread and the loader the rest."""
+    the models' compute); on a GPU torch needs one thread and the loader the rest, so by
+    default a GPU run's DALI pipeline gets every core but one. `num_workers` (None: the whole
+    share) caps the loader's part."""
     cores = cores or usable_cores()
+    share = max(1, cores - 1 if on_gpu else cores // 2)
     if cpu_threads is not None:
-        return ThreadBudget(cores, max(1, num_workers), cpu_threads, "train.cpu_threads")
-    share = cores - 1 if on_gpu else cores // 2
-    loader = min(num_workers, max(1, share))   # 0 stays 0: a DataLoader without workers
+        return ThreadBudget(cores, share if num_workers is None else num_workers, cpu_threads,
+                            "train.cpu_threads")
+    loader = share if num_workers is None else min(num_workers, share)   # 0: no workers
     return ThreadBudget(cores, loader, max(1, cores - loader), "auto: loader + torch <= cores")
 
 

@@ -65,7 +65,7 @@ def build_loader(data, *, split: str, train: bool, batch_size: int, model_cfg: d
     `seed` and `rank`: the teacher cache's precompute walks its own shards).
     """
     device = torch.device(device)
-    index = load_index(data.root, split, index_dir=index_dir, workers=max(4, data.num_workers))
+    index = load_index(data.root, split, index_dir=index_dir, workers=max(4, data.num_workers or 0))
     if rank == 0:
         index.warn_bad_files()
     num_classes = num_classes or getattr(data, "num_classes", None) or len(index.classes)

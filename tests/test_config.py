@@ -90,3 +90,15 @@ def test_values_the_schema_accepts_but_a_run_cannot_use(tmp_path, capsys, overri
     assert main(["train", str(path), override]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_numbers_as_people_write_them(tmp_path):
+    """YAML 1.1 reads `1e-3` (no dot) as a string: every float key accepts it, from a file, an
+    override and inside a tuple."""
+    path = tmp_path / "cfg.yaml"
+    path.write_text("optim:\n  lr: 1e-3\n  betas: [0.9, 9.99e-1]\n")
+    cfg = load_config(path, ["optim.weight_decay=5E-2", "sched.min_lr=-1e-6", "data.hflip=.5"])
+    assert cfg.optim.lr == 1e-3 and cfg.optim.betas == (0.9, 0.999)
+    assert cfg.optim.weight_decay == 0.05 and cfg.sched.min_lr == -1e-6 and cfg.data.hflip == 0.5
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load_config(None, ["optim.lr=1e-3x"])

@@ -49,3 +49,20 @@ def test_demo_runs_end_to_end_and_can_run_again(tmp_path, capsys):
     assert "KD" in rows[3] and "teacher cache" in rows[4]
     assert rows[4].split("|")[6].strip().isdigit()      # the one-off precompute time
     assert main(args) == 0          # a second demo in the same folder starts new runs
+
+
+def test_demo_stops_with_143_on_sigterm(tmp_path, capsys, monkeypatch):
+    """A preempted step ends the demo (exit 143, how to continue) instead of recording its
+    partial accuracy and starting the next step."""
+    import fastkd.demo as demo
+    from fastkd.engine import RunResult
+    calls = []
+
+    def preempted(config_name, overrides):
+        calls.append(config_name)
+        return RunResult(run_dir=tmp_path / "teacher-run", model_name="resnet18", metrics={},
+                         final_top1=None, best_top1=None, img_per_sec=0.0, preempted=True)
+    monkeypatch.setattr(demo, "run_step", preempted)
+    assert demo.main(["--out", str(tmp_path)]) == 143
+    assert calls == ["teacher.yaml"]
+    assert "--resume" in capsys.readouterr().out

@@ -175,7 +175,8 @@ def test_steady_state_steps_on_a_gpu_never_synchronize(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("cores, workers, on_gpu, loader, threads", [
     (2, 4, False, 1, 1), (8, 4, False, 4, 4), (16, 8, False, 8, 8), (2, 0, False, 0, 2),
-    (16, 4, True, 4, 12), (1, 2, False, 1, 1)])
+    (16, 4, True, 4, 12), (1, 2, False, 1, 1), (16, None, True, 15, 1), (2, None, False, 1, 1),
+    (8, None, False, 4, 4)])
 def test_the_thread_budget_never_oversubscribes(cores, workers, on_gpu, loader, threads):
     from fastkd.threads import plan_threads
     budget = plan_threads(workers, None, on_gpu=on_gpu, cores=cores)

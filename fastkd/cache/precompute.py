@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 import fastkd
-from fastkd.build import amp_dtype, build_teacher, count_classes, index_splits_first_on_rank0
-from fastkd.config import Config, ConfigError, config_to_dict, replace
+from fastkd.build import (amp_dtype, budget_threads, build_teacher, count_classes,
+                          index_splits_first_on_rank0)
+from fastkd.config import Config, ConfigError, config_to_dict
 from fastkd.distillers import build_params, get_distiller_class
 from fastkd.distributed import World, barrier, init_world, shutdown_world
 from fastkd.losses import topk_from_logits
@@ -31,7 +32,6 @@ from fastkd.pipelines import build_loader, load_index
 from fastkd.pipelines.sampling import RankBatch
 from fastkd.pipelines.settings import resolve_image_settings
 from fastkd.projectors import pooled_dim
-from fastkd.threads import apply_threads, plan_threads
 
 from .identity import (data_fingerprint, image_identity, plan_identity, refuse, static_mismatches,
                        teacher_identity, unreplayable_augmentation)
@@ -271,10 +271,7 @@ def build_cache(cfg: Config, *, batch_size: int | None = None) -> Path:
     check_cacheable(cfg)
     directory = Path(cfg.cache.dir)
     world = init_world(cfg.train.device)
-    threads = plan_threads(cfg.data.num_workers, cfg.train.cpu_threads,
-                           on_gpu=world.device.type == "cuda")
-    apply_threads(threads)
-    cfg = replace(cfg, data={"num_workers": threads.loader})
+    cfg, _ = budget_threads(cfg, world.device)
     try:
         index_splits_first_on_rank0(cfg, world)
         num_classes = count_classes(cfg)

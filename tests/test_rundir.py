@@ -1,0 +1,35 @@
+"""The run directory's own rules: one run at a time (the lock), stale locks taken over."""
+from __future__ import annotations
+
+import pytest
+
+from fastkd.cli import main
+from fastkd.config import ConfigError, load_config
+from fastkd.rundir import LOCK_FILE, RunDir
+
+from run_helpers import make_image_folder, write_config
+
+
+def test_a_second_run_on_a_directory_in_use_is_refused_naming_the_holder(tmp_path, capsys):
+    make_image_folder(tmp_path / "data")
+    config = write_config(tmp_path, train={"epochs": 1})
+    holder = RunDir(tmp_path / "runs" / "run")
+    holder.begin(load_config(config), None)            # a run that is still going
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "in use by a running fastkd" in err and "pid" in err and "Traceback" not in err
+    holder.close()
+    assert main(["train", str(config)]) == 0           # free again once the holder is done
+    assert (tmp_path / "runs" / "run" / LOCK_FILE).read_text() == ""
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_warning(tmp_path):
+    path = tmp_path / "run"
+    path.mkdir()
+    (path / LOCK_FILE).write_text("host gone, pid 999999, since yesterday\n")
+    run_dir = RunDir(path)
+    with pytest.warns(UserWarning, match="no longer running.*pid 999999"):
+        run_dir.lock()
+    with pytest.raises(ConfigError, match="in use"):
+        RunDir(path).lock()
+    run_dir.close()
