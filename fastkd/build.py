@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import pickle
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fastkd.checkpoint import load_checkpoint, student_state_dict
+from fastkd.weight_files import WeightFileError
 from fastkd.compat import NORM_LAYERS, ddp_ignore
 from fastkd.config import Config, ConfigError, OptimConfig, replace
 from fastkd.distillers import build_params, get_distiller_class
@@ -430,8 +430,11 @@ def build_evaluation(cfg: Config, world: World, checkpoint: str | Path | None = 
         cfg = replace(cfg, model={"checkpoint": None, "pretrained": False})
         try:
             saved = load_checkpoint(checkpoint)
-        except (ValueError, RuntimeError, OSError, EOFError, pickle.UnpicklingError):
-            weights = load_state_dict_file(checkpoint)   # a plain state dict / safetensors file
+        except WeightFileError as error:   # a plain state dict / safetensors file, or damaged
+            try:
+                weights = load_state_dict_file(checkpoint)
+            except Exception:
+                raise error from None
     num_classes = saved["student_info"]["num_classes"] if saved else count_classes(cfg)
     student = build_student(cfg, num_classes)
     models = {"eval": student}

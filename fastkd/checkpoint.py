@@ -12,9 +12,12 @@ previous `last.pt` intact.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import random
+import shutil
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +38,7 @@ if TYPE_CHECKING:
 CHECKPOINT_VERSION = 1
 STUDENT_PREFIX = "student."     # the student's keys inside the distiller's state dict
 EMA_PREFIX = "module."          # the student's keys inside ModelEmaV3's state dict
-LAST, BEST = "last.pt", "best.pt"
+LAST, BEST, PREVIOUS = "last.pt", "best.pt", "previous.pt"
 STUDENT_WEIGHTS, STUDENT_INFO = "student.safetensors", "student.json"
 
 
@@ -86,8 +89,13 @@ def restore_rng_state(state: dict) -> None:
 # ------------------------------------------------------------------------------ checkpoints
 
 
-def atomic_save(obj, path: str | Path) -> None:
-    """`torch.save` to `path.tmp`, then `os.replace`: readers never see a half-written file."""
+def atomic_save(obj, path: str | Path, *, keep_previous: bool = False) -> None:
+    """`torch.save` to `path.tmp`, then `os.replace`: readers never see a half-written file.
+
+    `path.sha256` lists the checksums `load_checkpoint` accepts: written before the replace,
+    it holds the new file's and the current one's, so a kill at any point leaves a file that
+    matches it, while a file damaged on disk matches neither. `keep_previous` first keeps the
+    current file as `previous.pt` (a hard link), the fallback when the newest is unreadable."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -95,10 +103,51 @@ def atomic_save(obj, path: str | Path) -> None:
             torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        current = _accepted_sums(path)[:1] if path.exists() else []
+        if keep_previous and path.exists():
+            _keep_previous(path, current)
+        _write_sums(path, [sha256_file(tmp), *current])
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)   # no half-written file left next to the good one
         raise
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _sums_file(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _accepted_sums(path: Path) -> list[str]:
+    try:
+        return _sums_file(path).read_text().split()
+    except OSError:
+        return []
+
+
+def _write_sums(path: Path, sums: list[str]) -> None:
+    tmp = path.with_name(path.name + ".sha256.tmp")
+    tmp.write_text("\n".join(sums) + "\n")
+    os.replace(tmp, _sums_file(path))
+
+
+def _keep_previous(path: Path, sums: list[str]) -> None:
+    previous = path.with_name(PREVIOUS)
+    link = previous.with_name(PREVIOUS + ".tmp")
+    link.unlink(missing_ok=True)
+    try:
+        os.link(path, link)
+    except OSError:                     # no hard links here: a copy
+        shutil.copyfile(path, link)
+    _write_sums(previous, sums)
+    os.replace(link, previous)
 
 
 def make_checkpoint(*, distiller: nn.Module, optimizer, scheduler, scaler, ema,
@@ -126,14 +175,43 @@ def make_checkpoint(*, distiller: nn.Module, optimizer, scheduler, scaler, ema,
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint on the CPU with `weights_only=True`."""
+    """Read a checkpoint on the CPU with `weights_only=True`, after checking it against the
+    checksums written with it; a damaged or unreadable file is a `WeightFileError` that names
+    the checkpoints to fall back on."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        raise FileNotFoundError(f"no checkpoint at {path}{_fallbacks(path)}")
+    sums = _accepted_sums(path)
+    if sums and sha256_file(path) not in sums:
+        raise WeightFileError(f"{path} is damaged: its checksum differs from the one written "
+                              f"with it{_fallbacks(path)}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError) as error:
+        raise WeightFileError(f"{path} cannot be read as a checkpoint ({str(error)[:200]})"
+                              f"{_fallbacks(path)}") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("version") != CHECKPOINT_VERSION:
         raise WeightFileError(f"{path} is not a fastkd checkpoint (version {CHECKPOINT_VERSION})")
     return checkpoint
+
+
+def _fallbacks(path: Path) -> str:
+    """The other checkpoints of the run directory, for an error message."""
+    others = [path.with_name(n) for n in (PREVIOUS, BEST) if path.with_name(n) != path]
+    found = [str(p) for p in others if p.is_file()]
+    if not found:
+        return ""
+    return (f"; the run also has {' and '.join(found)}: copy one over {path.name} to resume "
+            f"from it (`fastkd eval`/`export` take --checkpoint PATH)")
+
+
+def check_finite_weights(checkpoint: dict, path: str | Path) -> None:
+    """Refuse to resume from weights that are already NaN or infinite."""
+    bad = [k for k, v in checkpoint["distiller"].items()
+           if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise WeightFileError(f"{path} holds non-finite weights ({', '.join(bad[:3])}"
+                              f"{' ...' if len(bad) > 3 else ''}){_fallbacks(Path(path))}")
 
 
 def restore_training_state(checkpoint: dict, *, distiller: nn.Module, optimizer, scaler,
@@ -169,7 +247,7 @@ def save_training_checkpoint(setup: TrainingSetup, run_path: Path, position: Tra
         config=config_to_dict(setup.cfg), rng_states=rng_states, epoch_meters=epoch_meters,
         student_info=setup.student_info, steps_per_epoch=setup.steps_per_epoch)
     for name in (LAST, also) if also else (LAST,):
-        atomic_save(checkpoint, run_path / name)
+        atomic_save(checkpoint, run_path / name, keep_previous=name == LAST)
 
 
 def resume_training(setup: TrainingSetup, checkpoint: dict

@@ -35,7 +35,7 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-from fastkd.checkpoint import LAST, load_checkpoint, resume_config
+from fastkd.checkpoint import LAST, check_finite_weights, load_checkpoint, resume_config
 from fastkd.config import Config, ConfigError, dump_config, replace
 from fastkd.distributed import World, all_reduce_, broadcast_object
 
@@ -223,6 +223,7 @@ def open_run(cfg: Config, resume: str | Path | None, world: World
         raise ConfigError(f"--resume {path}: no {LAST} there (not a fastkd run directory, or "
                           f"the run was stopped before its first checkpoint)")
     checkpoint = load_checkpoint(path / LAST)
+    check_finite_weights(checkpoint, path / LAST)
     cfg = resume_config(checkpoint["config"], cfg)
     return cfg, RunDir(path, writer=world.is_primary), checkpoint
 

@@ -160,3 +160,45 @@ def test_cuda_rng_state_is_this_devices_only(monkeypatch):
     assert torch.equal(state["cuda"], own)
     restore_rng_state(state)
     assert len(calls) == 1 and calls[0][0] == "one" and torch.equal(calls[0][1], own)
+
+
+# ------------------------------------------------------------------------------ damaged files
+
+
+def _trained_run(tmp_path):
+    from fastkd.config import load_config
+    from fastkd.engine import train
+    from run_helpers import make_image_folder, write_config
+    make_image_folder(tmp_path / "data")
+    return train(load_config(write_config(tmp_path, train={"epochs": 2}))).run_dir
+
+
+def test_a_flipped_byte_in_last_pt_is_refused_with_exit_2_naming_the_fallbacks(tmp_path, capsys):
+    from fastkd.cli import main
+    run_dir = _trained_run(tmp_path)
+    assert (run_dir / "previous.pt").is_file()          # the checkpoint before the last one
+    data = bytearray((run_dir / "last.pt").read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    (run_dir / "last.pt").write_bytes(bytes(data))
+    assert main(["train", "--resume", str(run_dir), "train.epochs=3"]) == 2
+    err = capsys.readouterr().err
+    assert "damaged" in err and "previous.pt" in err and "best.pt" in err
+    assert "Traceback" not in err
+    assert main(["export", str(run_dir)]) == 2
+    (run_dir / "last.pt").write_bytes(bytes(data[:1000]))      # truncated, checksum aside
+    (run_dir / "last.pt.sha256").unlink()
+    assert main(["eval", str(run_dir)]) == 2
+    assert "cannot be read as a checkpoint" in capsys.readouterr().err
+
+
+def test_non_finite_weights_are_refused_on_resume(tmp_path, capsys):
+    from fastkd.cli import main
+    run_dir = _trained_run(tmp_path)
+    checkpoint = torch.load(run_dir / "last.pt", weights_only=True)
+    name = next(k for k, v in checkpoint["distiller"].items() if v.is_floating_point())
+    checkpoint["distiller"][name].fill_(float("nan"))
+    from fastkd.checkpoint import atomic_save
+    atomic_save(checkpoint, run_dir / "last.pt")
+    assert main(["train", "--resume", str(run_dir), "train.epochs=3"]) == 2
+    assert "non-finite weights" in capsys.readouterr().err
