@@ -72,6 +72,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     top1 = "-" if result.final_top1 is None else f"{result.final_top1:.2f}%"
     print(f"done: {result.run_dir} (final top-1 {top1}, {result.img_per_sec:.0f} img/s)")
+    if result.warning:
+        print(f"fastkd: warning: {result.warning}", file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 

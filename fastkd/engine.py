@@ -52,6 +52,7 @@ class RunResult:
     img_per_sec: float
     student: nn.Module | None = None
     preempted: bool = False            # stopped by SIGTERM after writing last.pt
+    warning: str | None = None         # e.g. most steps were skipped for non-finite losses
 
 
 # ------------------------------------------------------------------------------ small state
@@ -69,6 +70,7 @@ class RunState:
     guard: StepGuard = field(default_factory=StepGuard)
     train_seconds: float = 0.0
     samples: int = 0
+    skipped: int = 0                   # steps skipped for a non-finite loss, this process's run
 
     def restore_rng_if_pending(self, *, before_iterator: bool) -> None:
         """An epoch-end checkpoint captured the RNG before the next epoch's loader iterator
@@ -298,6 +300,7 @@ def _epoch_end(setup: TrainingSetup, state: RunState) -> dict:
     throughput = state.epoch_clock.values(setup.world.world_size)   # training only, not eval
     row = {"epoch": epoch, **state.epoch_sums.means(setup.world)}
     row["skipped_steps"] = state.epoch_sums.skipped    # set by `means`
+    state.skipped += row["skipped_steps"]
     average_buffers_(setup.distiller, setup.world)
     if setup.ema is not None:
         average_buffers_(setup.ema, setup.world)
@@ -357,7 +360,11 @@ def train(cfg: Config, *, resume: str | Path | None = None) -> RunResult:
         barrier(world)
         if world.is_primary:
             export_student(run_dir.file(LAST), run_dir.path)
-        return _result(setup, state, row=last_row)
+        result = _result(setup, state, row=last_row)
+        result.warning = _skipped_warning(state)
+        if result.warning:
+            run_dir.log(f"warning: {result.warning}")
+        return result
     finally:
         stop.uninstall()
         if setup is not None:
@@ -365,6 +372,15 @@ def train(cfg: Config, *, resume: str | Path | None = None) -> RunResult:
         if run_dir is not None:
             run_dir.close()
         shutdown_world(world)
+
+
+def _skipped_warning(state: RunState) -> str | None:
+    """A run that skipped most of its steps must say so: its weights learned from few."""
+    steps = state.position.global_step
+    if steps and 2 * state.skipped > steps:
+        return (f"{state.skipped} of the {steps} steps of this run were skipped for non-finite "
+                f"losses (see skipped_steps in summary.csv); the result is not to be trusted")
+    return None
 
 
 def _result(setup: TrainingSetup, state: RunState, *, row: dict | None = None,

@@ -151,6 +151,7 @@ def test_nonfinite_steps_are_skipped_without_touching_weights(tmp_path, data_dir
     result = run(tmp_path, distill={"method": "flaky_test"},
                  train={"max_nonfinite": 5, "epochs": 1})
     assert result.metrics["skipped_steps"] == 4
+    assert "4 of the 4 steps" in result.warning and "warning:" in (result.run_dir / "log.txt").read_text()
     checkpoint = load_checkpoint(result.run_dir / "last.pt")
     buffers = [state["momentum_buffer"] for state in checkpoint["optimizer"]["state"].values()]
     assert buffers and all(not b.any() for b in buffers), "a skipped step reached the optimizer"
