@@ -8,11 +8,13 @@ scheduler (needs the steps per epoch) → EMA → DDP.
 from __future__ import annotations
 
 import copy
+import difflib
 import importlib.util
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import timm
 import torch
 from timm.optim import (create_optimizer_v2, get_optimizer_info, list_optimizers,
                         param_groups_layer_decay, param_groups_weight_decay)
@@ -49,6 +51,8 @@ def check_runnable(cfg: Config) -> None:
         raise ConfigError(f"data.root: {cfg.data.root!r} is not a directory (the ImageFolder "
                           f"root holding the {cfg.data.train_split}/ and {cfg.data.val_split}/ splits)")
     _check_counts(cfg)
+    _check_model("model", cfg.model.name, cfg.model.kwargs)
+    _check_model("teacher", cfg.teacher.name, cfg.teacher.kwargs)
     if cfg.optim.opt.lower() not in list_optimizers():
         raise ConfigError(f"optim.opt: '{cfg.optim.opt}' is not a timm optimizer "
                           f"(e.g. sgd, momentum, adamw, lamb; timm.optim.list_optimizers())")
@@ -69,6 +73,22 @@ def check_runnable(cfg: Config) -> None:
         from fastkd.cache import check_cacheable, open_manifest
         check_cacheable(cfg)
         open_manifest(cfg)
+
+
+def _check_model(key: str, name: str | None, kwargs: dict) -> None:
+    """An unknown timm name or an argument the model does not take, refused before any work
+    (building it on the meta device costs no memory)."""
+    if name is None:
+        return
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else " (timm.list_models())"
+        raise ConfigError(f"{key}.name: '{name}' is not a timm model{hint}")
+    try:
+        with torch.device("meta"):
+            timm.create_model(name, num_classes=2, **kwargs)
+    except TypeError as error:
+        raise ConfigError(f"{key}.kwargs: {kwargs} is not accepted by {name} ({error})") from None
 
 
 def _check_counts(cfg: Config) -> None:
@@ -438,13 +458,18 @@ def build_evaluation(cfg: Config, world: World, checkpoint: str | Path | None = 
     num_classes = saved["student_info"]["num_classes"] if saved else count_classes(cfg)
     student = build_student(cfg, num_classes)
     models = {"eval": student}
-    if saved is not None:
-        student.load_state_dict(student_state_dict(saved), strict=True)
-        if saved.get("ema") is not None:
-            models["ema"] = copy.deepcopy(student)
-            models["ema"].load_state_dict(student_state_dict(saved, ema=True), strict=True)
-    elif weights is not None:
-        student.load_state_dict(weights, strict=True)
+    try:
+        if saved is not None:
+            student.load_state_dict(student_state_dict(saved), strict=True)
+            if saved.get("ema") is not None:
+                models["ema"] = copy.deepcopy(student)
+                models["ema"].load_state_dict(student_state_dict(saved, ema=True), strict=True)
+        elif weights is not None:
+            student.load_state_dict(weights, strict=True)
+    except RuntimeError as error:        # another architecture or class count
+        first = str(error).splitlines()[1:2] or [str(error)[:200]]
+        raise WeightFileError(f"{checkpoint} does not fit {cfg.model.name} with {num_classes} "
+                              f"classes: {first[0].strip()[:300]}") from None
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     for model in models.values():
         model.to(world.device, memory_format=memory_format).eval()

@@ -12,6 +12,7 @@ previous `last.pt` intact.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -108,9 +109,17 @@ def atomic_save(obj, path: str | Path, *, keep_previous: bool = False) -> None:
             _keep_previous(path, current)
         _write_sums(path, [sha256_file(tmp), *current])
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)   # no half-written file left next to the good one
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            intact = f"{path} from before is intact" if path.exists() else "nothing was lost"
+            raise DiskFull(f"the disk is full: {path} could not be written ({intact}); free "
+                           f"space and resume with `fastkd train --resume {path.parent}`") from None
         raise
+
+
+class DiskFull(OSError):
+    """A checkpoint could not be written for lack of space (exit 2, one message)."""
 
 
 def sha256_file(path: Path) -> str:

@@ -32,12 +32,13 @@ BENCHES = ("loader", "kernels", "e2e", "step", "all")
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from fastkd.cache import CacheError
+    from fastkd.checkpoint import DiskFull
     from fastkd.config import ConfigError
     from fastkd.distillers import UnsupportedPair
     from fastkd.pipelines import DataError
     from fastkd.weight_files import WeightFileError   # includes TeacherHeadMismatch
     return (ConfigError, CacheError, UnsupportedPair, WeightFileError, DataError,
-            FileNotFoundError)
+            FileNotFoundError, DiskFull)
 
 
 def _run_stopped() -> tuple[type[BaseException], ...]:

@@ -134,3 +134,39 @@ def test_unreadable_weights_are_a_usage_error_not_a_traceback(cfg_path, tmp_path
     assert main(["eval", str(run_dir), "--checkpoint", str(junk)]) == 2
     err = capsys.readouterr().err
     assert "junk.pt" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------ exit 2, one line
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.name=resnet_18", "is not a timm model; did you mean"),
+    ("model.kwargs={depth_multiplier: 2}", "model.kwargs"),
+    ("teacher.name=not_a_model", "teacher.name"),
+])
+def test_model_mistakes_exit_2_with_one_line(cfg_path, capsys, override, message):
+    assert main(["train", str(cfg_path), override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_with_a_checkpoint_of_another_architecture_exits_2(cfg_path, tmp_path, capsys):
+    import timm
+    import torch
+    other = tmp_path / "other.pth"
+    torch.save(timm.create_model("test_vit", num_classes=4).state_dict(), other)
+    assert main(["eval", str(cfg_path), "--checkpoint", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit test_resnet" in err and "Traceback" not in err
+
+
+def test_a_full_disk_exits_2_saying_so(cfg_path, capsys, monkeypatch):
+    import errno
+    import fastkd.checkpoint as checkpoint
+
+    def no_space(obj, handle):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(checkpoint.torch, "save", no_space)
+    assert main(["train", str(cfg_path)]) == 2
+    err = capsys.readouterr().err
+    assert "the disk is full" in err and "last.pt" in err and "Traceback" not in err
