@@ -40,7 +40,7 @@ CHECKPOINT_VERSION = 1
 STUDENT_PREFIX = "student."     # the student's keys inside the distiller's state dict
 EMA_PREFIX = "module."          # the student's keys inside ModelEmaV3's state dict
 LAST, BEST, PREVIOUS = "last.pt", "best.pt", "previous.pt"
-STUDENT_WEIGHTS, STUDENT_INFO = "student.safetensors", "student.json"
+STUDENT_WEIGHTS, STUDENT_INFO, TIMM_DIR = "student.safetensors", "student.json", "timm"
 
 
 @dataclass
@@ -364,4 +364,24 @@ def export_student(checkpoint_path: str | Path, out_dir: str | Path, *, ema: boo
     os.chmod(tmp, 0o644)   # safetensors creates it owner-only; a model file is meant to be shared
     os.replace(tmp, weights)
     (out_dir / STUDENT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    export_for_timm(state, info, out_dir / TIMM_DIR)
     return weights
+
+
+def export_for_timm(state: dict[str, Tensor], info: dict, directory: Path) -> Path:
+    """The student in timm's own layout (`config.json` + `model.safetensors`, written by
+    `timm.models.save_for_hf`, with the model arguments and the data config it was trained
+    with), which `timm.create_model("local-dir:DIR", pretrained=True)` loads as it is;
+    `student.json` beside it says where it came from."""
+    import timm
+    from timm.models import save_for_hf
+    kwargs = dict(info.get("model_kwargs") or {})
+    model = timm.create_model(info["architecture"], num_classes=info["num_classes"], **kwargs)
+    model.load_state_dict(state, strict=True)
+    data_config = {key: info[key] for key in ("input_size", "mean", "std", "crop_pct",
+                                              "interpolation") if key in info}
+    directory.mkdir(parents=True, exist_ok=True)
+    save_for_hf(model, str(directory), model_args=kwargs,
+                safe_serialization=True, data_config=data_config)
+    (directory / STUDENT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    return directory

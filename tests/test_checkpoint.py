@@ -202,3 +202,17 @@ def test_non_finite_weights_are_refused_on_resume(tmp_path, capsys):
     atomic_save(checkpoint, run_dir / "last.pt")
     assert main(["train", "--resume", str(run_dir), "train.epochs=3"]) == 2
     assert "non-finite weights" in capsys.readouterr().err
+
+
+def test_the_export_loads_as_timm_loads_its_own_models(tmp_path):
+    """`RUN/timm/` is what `timm.models.save_for_hf` writes: `timm.create_model("local-dir:...")`
+    rebuilds the student (its kwargs and class count included) with the trained weights."""
+    import timm
+    from safetensors.torch import load_file
+    run_dir = _trained_run(tmp_path)
+    model = timm.create_model(f"local-dir:{run_dir / 'timm'}", pretrained=True).eval()
+    reference = timm.create_model("test_resnet", num_classes=4).eval()
+    reference.load_state_dict(load_file(run_dir / "student.safetensors"), strict=True)
+    images = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(images), reference(images))
+    assert (run_dir / "timm" / "student.json").is_file()
