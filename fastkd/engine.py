@@ -292,6 +292,20 @@ def evaluate(models: dict[str, nn.Module], loader, *, world: World,
 # ------------------------------------------------------------------------------ the run
 
 
+def _report_replaced(setup: TrainingSetup, state: RunState) -> int:
+    """Samples whose file broke after indexing and were replaced this epoch (all ranks),
+    named in the log (this process's)."""
+    replaced = setup.train_loader.take_replaced()
+    world = setup.world
+    count = int(all_reduce_(torch.tensor([len(replaced)], device=world.device), world).item())
+    if replaced:
+        names = "; ".join(f"{path} ({reason})" for path, reason in replaced[:10])
+        more = f"; and {len(replaced) - 10} more" if len(replaced) > 10 else ""
+        state.run_dir.log(f"epoch {state.position.epoch}: {count} sample(s) replaced because "
+                          f"their file broke after indexing: {names}{more}")
+    return count
+
+
 def _epoch_end(setup: TrainingSetup, state: RunState) -> dict:
     """Evaluate when due, step the per-epoch schedule, write the summary row and checkpoints."""
     cfg, position = setup.cfg, state.position
@@ -301,6 +315,7 @@ def _epoch_end(setup: TrainingSetup, state: RunState) -> dict:
     row = {"epoch": epoch, **state.epoch_sums.means(setup.world)}
     row["skipped_steps"] = state.epoch_sums.skipped    # set by `means`
     state.skipped += row["skipped_steps"]
+    row["replaced_samples"] = _report_replaced(setup, state)
     average_buffers_(setup.distiller, setup.world)
     if setup.ema is not None:
         average_buffers_(setup.ema, setup.world)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .counter_rng import STREAM_MIXUP, hash_keys
+from .replacement import SampleReplacer
 
 
 class Batch(NamedTuple):
@@ -34,6 +35,11 @@ class PlannedLoader:
         self.num_samples, self.classes = len(index), index.classes
         self.num_classes = finisher.num_classes
         self.epoch, self.start_batch = 0, 0
+        self.replacer = SampleReplacer(index)
+
+    def take_replaced(self) -> list[tuple[str, str]]:
+        """Samples replaced because their file broke after indexing, since the last call."""
+        return self.replacer.take()
 
     def __len__(self) -> int:
         return len(self.plan)

@@ -20,6 +20,7 @@ from .batch import BatchFinisher, PlannedLoader
 from .crop_plan import CropPlan, center_crop_rois
 from .dali_pipelines import eval_pipeline, train_pipeline
 from .datasets import DatasetIndex
+from .replacement import SampleReplacer
 from .sampling import ShardPlan
 from .settings import ImageSettings, parse_rand_augment
 
@@ -32,8 +33,9 @@ class PlanSource:
     reads release the GIL), so the callback finds their bytes waiting."""
 
     def __init__(self, index: DatasetIndex, plan: ShardPlan, settings: ImageSettings,
-                 crop_plan: CropPlan | None, read_ahead: int = 2):
+                 crop_plan: CropPlan | None, replacer: SampleReplacer, read_ahead: int = 2):
         self.index, self.plan, self.settings, self.crop_plan = index, plan, settings, crop_plan
+        self.replacer = replacer
         self.batches, self.epoch = [], 0
         self.read_ahead = read_ahead
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastkd-read")
@@ -55,11 +57,13 @@ class PlanSource:
         self.stop()
         self._reader.shutdown(wait=False, cancel_futures=True)
 
-    def _read(self, ids: np.ndarray) -> list[np.ndarray]:
-        return [np.fromfile(self.index.full_path(i), dtype=np.uint8) for i in ids]
+    def _read(self, ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(the samples used, their bytes): a broken file's sample is replaced."""
+        used, encoded = zip(*(self.replacer.read_bytes(int(i)) for i in ids))
+        return np.asarray(used, dtype=np.int64), list(encoded)
 
-    def _encoded(self, iteration: int) -> list[np.ndarray]:
-        """This batch's file bytes, with the reads of the next batches started."""
+    def _encoded(self, iteration: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """This batch's samples and file bytes, with the reads of the next batches started."""
         for ahead in range(iteration, min(iteration + 1 + self.read_ahead, len(self.batches))):
             if ahead not in self._reads:
                 self._reads[ahead] = self._reader.submit(self._read, self.batches[ahead][0])
@@ -68,8 +72,9 @@ class PlanSource:
     def __call__(self, info):
         if info.iteration >= len(self.batches):
             raise StopIteration
-        ids, indices = self.batches[info.iteration]
-        encoded = self._encoded(info.iteration)
+        planned, indices = self.batches[info.iteration]
+        ids, encoded = self._encoded(info.iteration)
+        indices = np.where(indices >= 0, ids, indices)   # a replaced sample reports its own index
         labels = self.index.labels[ids]
         heights, widths = self.index.heights[ids], self.index.widths[ids]
         if self.crop_plan is None:
@@ -93,7 +98,8 @@ class DaliLoader(PlannedLoader):
         self.channels_last, self.on_gpu = channels_last, on_gpu
         self._in_flight = False   # an epoch was left before DALI reported its end
         depth = data.prefetch or (3 if on_gpu else 2)   # batches prepared ahead of the step
-        self.source = PlanSource(index, plan, settings, crop_plan, read_ahead=depth)
+        self.source = PlanSource(index, plan, settings, crop_plan, self.replacer,
+                                 read_ahead=depth)
         common = dict(source=self.source, settings=settings, on_gpu=on_gpu,
                       prefetch_queue_depth=depth,
                       hw_decoder_load=data.hw_decoder_load,

@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--full", action="store_true",
                         help="also decode every image (slow; catches corrupt pixel data)")
     parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--rebuild", action="store_true",
+                        help="probe every file again and replace the cached index")
     return parser
 
 
@@ -42,7 +44,7 @@ def _default_splits(root: str) -> list[str]:
 def check_split(root: str, split: str, args) -> int:
     try:
         index = load_index(root, split, index_dir=args.index_dir, workers=args.workers,
-                           full_check=args.full)
+                           full_check=args.full, rebuild=args.rebuild)
     except (DataError, OSError) as err:
         print(f"[{split}] UNUSABLE: {err}")
         return EXIT_UNUSABLE

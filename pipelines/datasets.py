@@ -26,7 +26,7 @@ import numpy as np
 from .image_probe import probe_image
 
 logger = logging.getLogger(__name__)
-_INDEX_VERSION = 1
+_INDEX_VERSION = 2
 _MAX_LISTED = 50   # bad files named in the warning; `fastkd data check` lists them all
 
 
@@ -44,6 +44,7 @@ class DatasetIndex:
     widths: np.ndarray        # int64 (N,)
     classes: list[str]
     bad_files: list[tuple[str, str]]   # (path relative to base, reason), excluded
+    stats: np.ndarray | None = None    # int64 (N, 2): file size and mtime_ns when indexed
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -155,7 +156,7 @@ def _save(path: Path, index: DatasetIndex, key: str) -> None:
     tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
     np.savez(tmp, key=np.array(key), paths=_join(index.paths), labels=index.labels,
              heights=index.heights, widths=index.widths, classes=np.array(json.dumps(index.classes)),
-             bad=np.array(json.dumps(index.bad_files)))
+             bad=np.array(json.dumps(index.bad_files)), stats=index.stats)
     os.replace(tmp, path)   # readers never see a half-written index
 
 
@@ -166,7 +167,7 @@ def _load(path: Path, key: str, base: str) -> DatasetIndex | None:
                 return None
             return DatasetIndex(base, _split(z["paths"]), z["labels"], z["heights"], z["widths"],
                                 json.loads(str(z["classes"])),
-                                [tuple(b) for b in json.loads(str(z["bad"]))])
+                                [tuple(b) for b in json.loads(str(z["bad"]))], z["stats"])
     except (OSError, KeyError, ValueError):
         return None
 
@@ -191,6 +192,7 @@ def _probe_all(base: str, paths: list[str], workers: int, full: bool):
 def _build(base: str, classes, paths, labels, workers: int, full: bool,
            every_class_needed: bool) -> DatasetIndex:
     probes = _probe_all(base, paths, workers, full)
+    stats = _stat_all(base, paths, workers)
     keep = [i for i, p in enumerate(probes) if p.problem is None]
     bad = [(paths[i], p.problem) for i, p in enumerate(probes) if p.problem is not None]
     if not keep:
@@ -203,7 +205,43 @@ def _build(base: str, classes, paths, labels, workers: int, full: bool,
     return DatasetIndex(base, [paths[i] for i in keep], lab,
                         np.asarray([probes[i].height for i in keep], dtype=np.int64),
                         np.asarray([probes[i].width for i in keep], dtype=np.int64),
-                        list(classes), bad)
+                        list(classes), bad, stats[keep])
+
+
+def _stat_all(base: str, paths: list[str], workers: int) -> np.ndarray:
+    """(size, mtime_ns) of every file, (-1, -1) where it cannot be read."""
+    def stat(path: str) -> tuple[int, int]:
+        try:
+            st = os.stat(os.path.join(base, path))
+            return st.st_size, st.st_mtime_ns
+        except OSError:
+            return -1, -1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return np.asarray(list(pool.map(stat, paths, chunksize=1024)), dtype=np.int64).reshape(-1, 2)
+
+
+def _reprobe_changed(index: DatasetIndex, workers: int, full: bool) -> DatasetIndex | None:
+    """The index with the files whose size or mtime changed since indexing probed again
+    (dropped, and listed as bad, when they no longer decode); None when nothing changed.
+    A file rewritten in place changes no directory, so the cache key alone would miss it."""
+    stats = _stat_all(index.base, index.paths, workers)
+    changed = np.flatnonzero((stats != index.stats).any(axis=1))
+    if not len(changed):
+        return None
+    probes = dict(zip(changed.tolist(), _probe_all(index.base, [index.paths[i] for i in changed],
+                                                   workers, full)))
+    keep = np.asarray([i not in probes or probes[i].problem is None for i in range(len(index))])
+    heights, widths = index.heights.copy(), index.widths.copy()
+    for i, probe in probes.items():
+        if probe.problem is None:
+            heights[i], widths[i] = probe.height, probe.width
+    bad = [(index.paths[i], f"{p.problem} (changed since indexing)") for i, p in probes.items()
+           if p.problem is not None]
+    logger.warning(f"fastkd: {len(changed)} file(s) under {index.base} changed since they were "
+                   f"indexed; probed again, {len(bad)} dropped as unusable")
+    return DatasetIndex(index.base, [p for p, k in zip(index.paths, keep) if k],
+                        index.labels[keep], heights[keep], widths[keep], index.classes,
+                        index.bad_files + bad, stats[keep])
 
 
 def resolve_split(root: str, split: str) -> tuple[str, str | None]:
@@ -221,21 +259,30 @@ def resolve_split(root: str, split: str) -> tuple[str, str | None]:
 
 
 def load_index(root: str, split: str, *, index_dir: str | None = None, workers: int = 8,
-               full_check: bool = False, use_cache: bool = True) -> DatasetIndex:
-    """The index of `root/split`, from the cache when the split has not changed since."""
+               full_check: bool = False, use_cache: bool = True,
+               rebuild: bool = False) -> DatasetIndex:
+    """The index of `root/split`, from the cache when the split has not changed since (files
+    whose size or mtime changed are probed again); `rebuild` probes every file anew and
+    replaces the cached index."""
     base, list_file = resolve_split(root, split)
     classes, paths, labels, key = (_list_file(root, list_file) if list_file
                                    else _list_folder(base))
     key = f"v{_INDEX_VERSION}|full={full_check}|{key}"
     source = list_file or base
     dirs = _cache_dirs(root, index_dir)
-    if use_cache:
+    index = None
+    if use_cache and not rebuild:
         for directory in dirs:
-            cached = _load(_cache_file(directory, source), key, base)
-            if cached is not None:
-                return cached
-    index = _build(base, classes, paths, labels, workers, full_check,
-                   every_class_needed=list_file is None)
+            index = _load(_cache_file(directory, source), key, base)
+            if index is not None:
+                updated = _reprobe_changed(index, workers, full_check)
+                if updated is None:
+                    return index
+                index = updated
+                break
+    if index is None:
+        index = _build(base, classes, paths, labels, workers, full_check,
+                       every_class_needed=list_file is None)
     if use_cache:
         for directory in dirs:
             try:

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from .batch import BatchFinisher, PlannedLoader
 from .crop_plan import CropPlan
 from .datasets import DatasetIndex
+from .replacement import SampleReplacer
 from .sampling import ShardPlan
 from .settings import ImageSettings
 
@@ -54,11 +55,13 @@ def extra_train_transform(data, settings: ImageSettings):
 
 
 class PlannedImageDataset(Dataset):
-    """Item key (epoch, sample_id, reported_index) -> (uint8 CHW image, label, reported index)."""
+    """Item key (epoch, sample_id, reported_index) -> (uint8 CHW image, label, reported index,
+    a note naming the file when a broken one was replaced, else '')."""
 
     def __init__(self, index: DatasetIndex, settings: ImageSettings, crop_plan: CropPlan | None,
-                 extra_transform=None):
+                 replacer: SampleReplacer, extra_transform=None):
         self.index, self.settings, self.crop_plan = index, settings, crop_plan
+        self.replacer = replacer
         self.extra_transform = extra_transform
         self.eval_transform = None
         if crop_plan is None:
@@ -73,7 +76,8 @@ class PlannedImageDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int, int]):
         epoch, sample_id, reported = key
-        img = open_rgb(self.index.full_path(sample_id))
+        sample_id, img, note = self.replacer.open_image(sample_id, open_rgb)
+        reported = sample_id if reported >= 0 else reported
         if self.crop_plan is None:
             chw = self.eval_transform(img)
         else:
@@ -84,7 +88,7 @@ class PlannedImageDataset(Dataset):
             if self.extra_transform is not None:
                 img = self.extra_transform(img)
             chw = torch.from_numpy(np.asarray(img).transpose(2, 0, 1).copy())
-        return chw, int(self.index.labels[sample_id]), reported
+        return chw, int(self.index.labels[sample_id]), reported, note
 
 
 class _EpochBatchSampler:
@@ -113,7 +117,7 @@ class TorchLoader(PlannedLoader):
         self.settings = settings
         self.mean = torch.tensor(settings.mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(settings.std, device=device).view(1, 3, 1, 1) * 255
-        dataset = PlannedImageDataset(index, settings, crop_plan, extra_transform)
+        dataset = PlannedImageDataset(index, settings, crop_plan, self.replacer, extra_transform)
         # An explicit generator: without one, starting the workers draws their base seed from
         # the global torch RNG, which shifts dropout/drop-path streams and breaks exact resume.
         workers_seed = torch.Generator().manual_seed(plan.seed * 1009 + plan.rank)
@@ -129,7 +133,9 @@ class TorchLoader(PlannedLoader):
 
     def __iter__(self):
         batch_no = self.start_batch
-        for images, labels, indices in self.dataloader:
+        for images, labels, indices, notes in self.dataloader:
+            for note in filter(None, notes):      # replaced in a worker process
+                self.replacer.record(note)
             # In place on the fresh float copy: one batch-sized allocation instead of three.
             images = images.to(self.device, non_blocking=True).float()
             images = images.sub_(self.mean).div_(self.std)

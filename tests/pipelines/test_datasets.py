@@ -135,3 +135,26 @@ def test_unusable_splits_raise_clear_errors(tmp_path, problem):
     with pytest.raises(DataError) as err:
         load_index(str(root), split)
     assert str(root) in str(err.value) or "class_9" in str(err.value) or "l.txt" in str(err.value)
+
+
+def test_a_file_changed_after_indexing_is_probed_again(tmp_path):
+    """Rewritten in place, a file changes no directory mtime: the cached index notices it by
+    its size and mtime, probes it again and drops it when it no longer decodes."""
+    import os
+    from fastkd.pipelines.datasets import load_index
+    root = tmp_path / "data"
+    for c in range(2):
+        (root / "train" / f"c{c}").mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (20 + i, 16), (40 * c, 10, 10)).save(root / "train" / f"c{c}" / f"{i}.png")
+    first = load_index(str(root), "train")
+    assert len(first) == 6 and not first.bad_files
+    victim = root / "train" / "c1" / "2.png"
+    stamp = os.stat(victim.parent).st_mtime_ns
+    victim.write_text("no longer an image")
+    os.utime(victim.parent, ns=(stamp, stamp))              # the folder looks untouched
+    second = load_index(str(root), "train")
+    assert len(second) == 5 and second.bad_files[-1][0] == "c1/2.png"
+    assert "changed since indexing" in second.bad_files[-1][1]
+    assert len(load_index(str(root), "train")) == 5          # the updated index was cached
+    assert len(load_index(str(root), "train", rebuild=True)) == 5

@@ -1,5 +1,7 @@
 """The loader contract, checked identically on the torch fallback and the DALI CPU pipeline."""
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,3 +166,42 @@ def test_epochs_consumed_without_reaching_the_end_signal(image_root, kind):
         taken = [next(batches) for _ in range(len(ld))]
         expected = epoch_batches(fresh, epoch)
         assert all(torch.equal(x.images, y.images) for x, y in zip(taken, expected))
+
+
+# ------------------------------------------------------------------------------ broken files
+
+
+@pytest.mark.parametrize("kind", ["torch", pytest.param("dali", marks=pytest.mark.dali)])
+@pytest.mark.parametrize("damage", ["truncate", "text", "delete"])
+def test_a_file_broken_after_indexing_is_replaced_counted_and_named(tmp_path, kind, damage):
+    """Between epochs a file is truncated, overwritten with text or deleted: the run goes on,
+    the sample is replaced by the next usable one (the same one each time: resume stays
+    exact), and the replacement is reported by `take_replaced`."""
+    from fastkd.config import load_config
+    from fastkd.engine import train
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from run_helpers import make_image_folder, read_summary, write_config
+    make_image_folder(tmp_path / "data")
+    victim = tmp_path / "data" / "train" / "class1" / "3.jpg"
+    config = load_config(write_config(tmp_path, data={"loader": kind}, train={"epochs": 2}))
+    import fastkd.engine as engine
+    original = engine._epoch_end
+
+    def break_after_first_epoch(setup, state):
+        row = original(setup, state)
+        if row["epoch"] == 1:
+            if damage == "truncate":
+                victim.write_bytes(victim.read_bytes()[:200])
+            elif damage == "text":
+                victim.write_text("not an image any more\n" * 20)
+            else:
+                victim.unlink()
+        return row
+    engine._epoch_end = break_after_first_epoch
+    try:
+        result = train(config)
+    finally:
+        engine._epoch_end = original
+    rows = read_summary(result.run_dir)
+    assert [row["replaced_samples"] for row in rows] == ["0", "1"]
+    assert "class1/3.jpg" in (result.run_dir / "log.txt").read_text()
