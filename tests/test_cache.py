@@ -157,7 +157,7 @@ def refused(config: Path, overrides: list[str], capsys) -> str:
 
 
 @pytest.mark.parametrize("overrides, named", [
-    (["teacher.name=test_convnext"], "teacher.name"),
+    (["teacher.name=test_convnext", "teacher.kwargs.img_size=null"], "teacher.name"),
     (["train.seed=1"], "train.seed"),
     (["data.scale=[0.5,1.0]"], "data.scale"),
     (["data.hflip=0.0"], "data.hflip"),
