@@ -51,6 +51,9 @@ def check_runnable(cfg: Config) -> None:
         raise ConfigError(f"data.root: {cfg.data.root!r} is not a directory (the ImageFolder "
                           f"root holding the {cfg.data.train_split}/ and {cfg.data.val_split}/ splits)")
     _check_counts(cfg)
+    if cfg.train.sync_bn and not torch.cuda.is_available():
+        raise ConfigError("train.sync_bn: SyncBatchNorm synchronises batch statistics across "
+                          "GPUs (NCCL); this machine has no CUDA device")
     _check_model("model", cfg.model.name, cfg.model.kwargs)
     _check_model("teacher", cfg.teacher.name, cfg.teacher.kwargs)
     if cfg.optim.opt.lower() not in list_optimizers():
@@ -287,13 +290,15 @@ def method_buffers(distiller: Distiller) -> list[str]:
     return names
 
 
-def wrap_ddp(distiller: Distiller, world: World) -> nn.Module:
+def wrap_ddp(distiller: Distiller, world: World, *, sync_bn: bool = False) -> nn.Module:
     """DDP around the distiller only (student + method parts). The teacher stays outside: it
     is frozen and not a submodule. A method whose parts are not all used every step declares
     `find_unused_parameters = True`; the default avoids the extra graph traversal. DDP ignores
     `method_buffers` (and `average_buffers_` follows what DDP ignores)."""
     if not world.distributed:
         return distiller
+    if sync_bn:   # same Parameter objects: the optimizer and the EMA are unaffected
+        distiller = nn.SyncBatchNorm.convert_sync_batchnorm(distiller)
     ddp_ignore(distiller, method_buffers(distiller))
     device_ids = [world.device.index] if world.device.type == "cuda" else None
     return DistributedDataParallel(
@@ -434,7 +439,8 @@ def build_training(cfg: Config, world: World) -> TrainingSetup:
     if cfg.train.compile:
         distiller.student.compile()                # in place: state-dict keys stay timm's
     return TrainingSetup(cfg=cfg, world=world, distiller=distiller,
-                         model=wrap_ddp(distiller, world), teacher=teacher, optimizer=optimizer,
+                         model=wrap_ddp(distiller, world, sync_bn=cfg.train.sync_bn),
+                         teacher=teacher, optimizer=optimizer,
                          scheduler=scheduler, scaler=scaler, ema=ema, train_loader=train_loader,
                          val_loader=val_loader, steps_per_epoch=steps, lr=lr, lr_rule=lr_rule,
                          student_info=info, teacher_source=teacher_source, threads=threads)

@@ -129,6 +129,7 @@ class TrainConfig:
     compile: bool = False                    # torch.compile the student
     tf32: bool = True                        # TF32 matmuls/convolutions on a GPU; false: exact fp32
     cpu_threads: int | None = None           # torch threads; None: budget with the loader (threads.py)
+    sync_bn: bool = False                    # SyncBatchNorm across GPUs (off by default, as timm)
 
 
 @dataclass(frozen=True)

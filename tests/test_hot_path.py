@@ -200,3 +200,11 @@ def test_the_thread_budget_is_recorded_and_can_be_overridden(tmp_path):
     record = json.loads((run.run_dir / "env.json").read_text())
     record = record.get("threads") or record["runs"][-1]["threads"]
     assert record["torch"] == 1 and record["rule"] == "train.cpu_threads"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answer")
+def test_sync_bn_without_a_gpu_is_refused(tmp_path):
+    from fastkd.build import check_runnable
+    make_image_folder(tmp_path / "data")
+    with pytest.raises(ConfigError, match="train.sync_bn"):
+        check_runnable(load_config(write_config(tmp_path), ["train.sync_bn=true"]))
