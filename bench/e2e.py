@@ -44,7 +44,7 @@ class EngineLane:
         from fastkd.checkpoint import TrainPosition
         from fastkd.distributed import init_world
         from fastkd.engine import RunState
-        from fastkd.rundir import LossSums
+        from fastkd.meters import LossSums
         self.setup = build_training(cfg, init_world(cfg.train.device))
         self.state = RunState(run_dir=None, position=TrainPosition(), epoch_sums=LossSums())
         self.params = self.setup.trainable_parameters

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fastkd.checkpoint import load_checkpoint, student_state_dict
 from fastkd.weight_files import WeightFileError
 from fastkd.compat import NORM_LAYERS, ddp_ignore
-from fastkd.config import Config, ConfigError, OptimConfig, replace
+from fastkd.config import Config, ConfigError, OptimConfig, check_values, replace
 from fastkd.distillers import build_params, get_distiller_class
 from fastkd.distillers.base import Distiller
 from fastkd.distributed import World, barrier
@@ -50,7 +50,7 @@ def check_runnable(cfg: Config) -> None:
     if cfg.data.root is None or not Path(cfg.data.root).is_dir():
         raise ConfigError(f"data.root: {cfg.data.root!r} is not a directory (the ImageFolder "
                           f"root holding the {cfg.data.train_split}/ and {cfg.data.val_split}/ splits)")
-    _check_counts(cfg)
+    check_values(cfg)
     if cfg.train.sync_bn and not torch.cuda.is_available():
         raise ConfigError("train.sync_bn: SyncBatchNorm synchronises batch statistics across "
                           "GPUs (NCCL); this machine has no CUDA device")
@@ -92,20 +92,6 @@ def _check_model(key: str, name: str | None, kwargs: dict) -> None:
             timm.create_model(name, num_classes=2, **kwargs)
     except TypeError as error:
         raise ConfigError(f"{key}.kwargs: {kwargs} is not accepted by {name} ({error})") from None
-
-
-def _check_counts(cfg: Config) -> None:
-    """Counts the schema types as int but that must also be positive."""
-    t = cfg.train
-    for key, value, least in (("train.epochs", t.epochs, 1), ("train.batch_size", t.batch_size, 1),
-                              ("train.log_interval", t.log_interval, 1),
-                              ("train.eval_interval", t.eval_interval, 1),
-                              ("train.max_nonfinite", t.max_nonfinite, 1),
-                              ("train.checkpoint_interval", t.checkpoint_interval, 0),
-                              ("train.max_steps_per_epoch",
-                               1 if t.max_steps_per_epoch is None else t.max_steps_per_epoch, 1)):
-        if value < least:
-            raise ConfigError(f"{key}: {value} is not allowed; it must be at least {least}")
 
 
 def index_splits_first_on_rank0(cfg: Config, world: World) -> None:

@@ -300,6 +300,29 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
+def check_values(cfg: Config) -> None:
+    """What the types alone do not say: counts that must be positive, a RandAugment string
+    that must parse, worker and thread counts that cannot be negative."""
+    t = cfg.train
+    counts = (("train.epochs", t.epochs, 1), ("train.batch_size", t.batch_size, 1),
+              ("train.log_interval", t.log_interval, 1),
+              ("train.eval_interval", t.eval_interval, 1),
+              ("train.max_nonfinite", t.max_nonfinite, 1),
+              ("train.checkpoint_interval", t.checkpoint_interval, 0),
+              ("train.max_steps_per_epoch", t.max_steps_per_epoch, 1),
+              ("train.cpu_threads", t.cpu_threads, 1),
+              ("data.num_workers", cfg.data.num_workers, 0), ("data.prefetch", cfg.data.prefetch, 1))
+    for key, value, least in counts:
+        if value is not None and value < least:
+            raise ConfigError(f"{key}: {value} is not allowed; it must be at least {least}")
+    if cfg.data.auto_augment:
+        from fastkd.pipelines.settings import parse_rand_augment
+        try:
+            parse_rand_augment(cfg.data.auto_augment)
+        except ValueError as error:
+            raise ConfigError(f"data.auto_augment: {error}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read YAML (optional), apply overrides, validate. Raises ConfigError on any problem."""
     data: dict = {}
@@ -312,7 +335,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
     data = merge(data, parse_overrides(overrides or []))
-    return from_dict(Config, data)
+    cfg = from_dict(Config, data)
+    check_values(cfg)
+    return cfg
 
 
 def config_to_dict(cfg: Any) -> dict:

@@ -1,4 +1,4 @@
-"""Process-level plumbing: process group, device, collectives, seeding and SIGTERM.
+"""Process-level plumbing: process group, device and collectives.
 
 Launch with torchrun (`torchrun --nproc_per_node=N -m fastkd train cfg.yaml`): the rank, local
 rank and world size come from the environment, read the way timm's `world_info_from_env` does
@@ -9,12 +9,8 @@ calls the collectives unconditionally and single-process code stays branch-free.
 from __future__ import annotations
 
 import os
-import random
-import signal
-import threading
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from timm.utils.distributed import world_info_from_env
@@ -135,32 +131,3 @@ def average_buffers_(module: torch.nn.Module, world: World) -> None:
         if buffer.is_floating_point() and name not in ignored:
             dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
             buffer.div_(world.world_size)
-
-
-def seed_everything(seed: int) -> None:
-    """Python, numpy and torch (CPU and every GPU) generators."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-class StopRequest:
-    """SIGTERM (cluster preemption) sets a flag; the loop writes a checkpoint at the next step
-    boundary and stops. The handler does nothing else: saving from inside a signal handler
-    could interrupt an optimizer step half-way."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def install(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def uninstall(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None

@@ -18,6 +18,7 @@ the checkpoint carries every rank's RNG states, restored at the very point they 
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,14 +28,16 @@ from torch import Tensor, nn
 
 from fastkd.build import (AMP_DTYPES, TrainingSetup, build_evaluation, build_training,
                           check_runnable)
-from fastkd.checkpoint import (BEST, LAST, TrainPosition, export_student, restore_rng_state,
-                               resume_training, save_training_checkpoint)
-from fastkd.config import Config, ConfigError
-from fastkd.distributed import (StopRequest, World, all_reduce_, average_buffers_, barrier,
-                                init_world, seed_everything, shutdown_world)
+from fastkd.checkpoint import (BEST, LAST, TrainPosition, atomic_save, capture_rng_state,
+                               export_student, make_checkpoint, restore_rng_state,
+                               restore_training_state)
+from fastkd.config import Config, ConfigError, config_to_dict
+from fastkd.distributed import (World, all_gather_objects, all_reduce_, average_buffers_,
+                                barrier, init_world, shutdown_world)
+from fastkd.meters import LossSums, Progress, Throughput, format_metrics
+from fastkd.process import StopRequest, seed_everything
+from fastkd.rundir import RunDir, environment_record, open_run
 from fastkd.step_guard import StepGuard, ema_update_, optimizer_step
-from fastkd.rundir import (LossSums, Progress, RunDir, Throughput, environment_record,
-                           format_metrics, open_run)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -118,6 +121,58 @@ def start_state(setup: TrainingSetup, run_dir: RunDir, checkpoint: dict | None) 
                 f"{setup.threads.describe()}; "
                 f"lr {setup.lr_rule}")
     return state
+
+
+def save_training_checkpoint(setup: TrainingSetup, run_path: Path, position: TrainPosition,
+                             epoch_meters: dict[str, Tensor], *, also: str | None = None) -> None:
+    """Write `last.pt` (and `also`, e.g. best.pt). Every rank must call it: the RNG states of
+    all ranks are gathered; rank 0 writes."""
+    rng_states = all_gather_objects(capture_rng_state(), setup.world)
+    if not setup.world.is_primary:
+        return
+    checkpoint = make_checkpoint(
+        distiller=setup.distiller, optimizer=setup.optimizer, scheduler=setup.scheduler,
+        scaler=setup.scaler, ema=setup.ema, position=position,
+        config=config_to_dict(setup.cfg), rng_states=rng_states, epoch_meters=epoch_meters,
+        student_info=setup.student_info, steps_per_epoch=setup.steps_per_epoch)
+    for name in (LAST, also) if also else (LAST,):
+        atomic_save(checkpoint, run_path / name, keep_previous=name == LAST)
+
+
+def resume_training(setup: TrainingSetup, checkpoint: dict
+                    ) -> tuple[TrainPosition, dict[str, Tensor], dict | None]:
+    """Restore every stateful object; returns the position, the running epoch meters and this
+    rank's RNG states.
+
+    Another world size is accepted at an epoch boundary only: the global sample order does not
+    depend on it, but the per-rank batch count does, so a mid-epoch position would skip the
+    wrong samples. The step counter is then recounted for the new steps per epoch, and the RNG
+    states are not restored (fresh per-rank seeds: dropout masks differ, data does not)."""
+    rng_states = checkpoint["rng"]
+    same_shape = (len(rng_states), checkpoint["steps_per_epoch"]) == (
+        setup.world.world_size, setup.steps_per_epoch)
+    if not same_shape and checkpoint["position"]["batch"] > 0:
+        raise ConfigError(
+            f"this mid-epoch checkpoint was written by {len(rng_states)} process(es) with "
+            f"{checkpoint['steps_per_epoch']} steps per epoch; resume it with the same number of "
+            f"processes (this run: {setup.world.world_size}, {setup.steps_per_epoch} steps)")
+    position = restore_training_state(checkpoint, distiller=setup.distiller,
+                                      optimizer=setup.optimizer, scaler=setup.scaler, ema=setup.ema)
+    if same_shape:
+        return position, checkpoint["epoch_meters"], rng_states[setup.world.rank]
+    position.global_step = (position.epoch - 1) * setup.steps_per_epoch
+    warnings.warn(f"resuming a run of {len(rng_states)} process(es) on {setup.world.world_size}: "
+                  f"data order resumes exactly, RNG states (dropout) do not", stacklevel=2)
+    return position, checkpoint["epoch_meters"], None
+
+
+# ---------------------------------------------------------------------------- resume config
+
+# Keys that may change when resuming: they change neither the meaning of the saved state nor
+# the data each step sees. Everything else (model, method, optimizer, batch size, schedule
+# shape, augmentation, seed, AMP...) would silently train a different run than the one the
+# checkpoint belongs to. `train.epochs` is allowed on purpose (extend a run); the LR schedule
+# is then rebuilt for the new length. output.dir/name are ignored: the run directory is given.
 
 
 def save_state(setup: TrainingSetup, state: RunState, *, also: str | None = None) -> None:

@@ -102,3 +102,12 @@ def test_numbers_as_people_write_them(tmp_path):
     assert cfg.optim.weight_decay == 0.05 and cfg.sched.min_lr == -1e-6 and cfg.data.hflip == 0.5
     with pytest.raises(ConfigError, match="optim.lr"):
         load_config(None, ["optim.lr=1e-3x"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.epochs=0", "train.epochs"), ("data.auto_augment=rand-m9-zz", "data.auto_augment"),
+    ("data.auto_augment=augmix-m5", "data.auto_augment"), ("data.num_workers=-1", "data.num_workers"),
+    ("train.cpu_threads=0", "train.cpu_threads")])
+def test_values_are_refused_when_the_config_is_loaded(override, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, [override])

@@ -227,7 +227,8 @@ def test_summary_widens_for_new_columns_and_truncates_on_resume(tmp_path):
 
 
 def test_progress_lines_and_tqdm_both_reach_the_log(tmp_path, caplog):
-    from fastkd.rundir import Progress, RunDir
+    from fastkd.meters import Progress
+    from fastkd.rundir import RunDir
     caplog.set_level("INFO", logger="fastkd")
     run_dir = RunDir(tmp_path)
     for interactive in (False, True):
