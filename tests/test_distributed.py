@@ -98,3 +98,181 @@ def test_each_task_with_one_visible_gpu_uses_it(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     world = init_world("cuda")
     assert world.device == torch.device("cuda", 0) and chosen == [world.device]
+
+
+TORCHRUN_VARS = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def test_slurm_variables_give_the_world_when_torchrun_is_absent(monkeypatch):
+    """`srun python -m fastkd train` (no torchrun): the ranks come from SLURM's variables, and
+    the missing rendezvous address is a clear error, not a hang."""
+    from fastkd.config import ConfigError
+    from fastkd.distributed import init_world, world_info_from_env
+    for name in TORCHRUN_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_PROCID", "9")
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    assert world_info_from_env() == (1, 9, 16)
+    with pytest.raises(ConfigError, match="MASTER_ADDR"):
+        init_world("cpu")
+
+
+def test_torchrun_variables_win_over_slurm(monkeypatch):
+    """scripts/slurm_2nodes_8gpus.sbatch: one SLURM task per node runs torchrun, so SLURM says
+    2 tasks while torchrun's 16 processes must use torchrun's ranks."""
+    from fastkd.distributed import world_info_from_env
+    monkeypatch.setenv("SLURM_LOCALID", "0")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    monkeypatch.setenv("RANK", "13")
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    assert world_info_from_env() == (5, 13, 16)
+
+
+EVAL_WORKER = textwrap.dedent('''
+    import json, sys
+    from fastkd.config import load_config
+    from fastkd.distributed import is_primary_process
+    from fastkd.engine import evaluate_config
+
+    results = evaluate_config(load_config(sys.argv[1]), sys.argv[2])
+    if is_primary_process():
+        with open(sys.argv[3], "w") as out:
+            json.dump({k: repr(v) for k, v in results.items()}, out)
+''')
+
+
+def test_evaluation_counts_every_sample_once_on_any_world_size(tmp_path):
+    """13 validation images: 2 ranks pad one sample, 3 ranks pad two; the padded ones must not
+    count, so 2- and 3-process evaluation of one checkpoint equal the 1-process one exactly.
+    The weights are random but fixed: a count that lets a padded duplicate in moves top-1."""
+    import timm
+    from fastkd.config import load_config
+    from fastkd.engine import evaluate_config
+    make_image_folder(tmp_path / "data")
+    torch.manual_seed(3)
+    weights = tmp_path / "student.pth"
+    torch.save(timm.create_model("test_resnet", num_classes=4).state_dict(), weights)
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tmp_path, train={"batch_size": 2})))
+    (tmp_path / "eval.py").write_text(EVAL_WORKER)
+    single = {k: repr(v) for k, v in evaluate_config(load_config(config), weights).items()}
+    for nproc in (2, 3):
+        out = tmp_path / f"eval{nproc}.json"
+        done = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone",
+             f"--nproc_per_node={nproc}", str(tmp_path / "eval.py"), str(config), str(weights),
+             str(out)], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-4000:]
+        assert json.loads(out.read_text()) == single, nproc
+
+
+@pytest.mark.parametrize("method", ["kd", "ofa"])
+def test_two_processes_reach_the_weights_of_one_on_the_same_global_batch(tmp_path, method):
+    """1 process × batch 8 and 2 processes × batch 4, same seed and LR: DDP's averaged gradient
+    equals the full batch's, so after 4 steps the students agree to float tolerance. test_vit
+    has no batch statistics (LayerNorm), so per-rank batches change nothing else."""
+    from safetensors.torch import load_file
+    from run_helpers import teacher_checkpoint
+    make_image_folder(tmp_path / "data")
+    teacher = teacher_checkpoint(tmp_path)
+    common = dict(model={"name": "test_vit", "kwargs": {"img_size": 32}},
+                  teacher={"name": "test_vit", "checkpoint": str(teacher),
+                           "kwargs": {"img_size": 32}},
+                  distill={"method": method})
+    weights = {}
+    # (2, 8): a global batch of 16 must end elsewhere, or the comparison proves nothing
+    for nproc, batch in ((1, 8), (2, 4), (2, 8)):
+        name = f"world{nproc}x{batch}"
+        cfg = tiny_config(tmp_path, train={"batch_size": batch, "epochs": 1},
+                          output={"dir": str(tmp_path / "runs"), "name": name,
+                                  "tensorboard": False}, **common)
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                     f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable])
+        done = subprocess.run(launcher + ["-m", "fastkd", "train", str(tmp_path / f"{name}.yaml")],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-4000:]
+        weights[nproc, batch] = load_file(tmp_path / "runs" / name / "student.safetensors")
+    for key, value in weights[1, 8].items():
+        torch.testing.assert_close(weights[2, 4][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert any(not torch.allclose(weights[2, 8][k], v, rtol=1e-4, atol=1e-5)
+               for k, v in weights[1, 8].items())
+
+
+BANK_WORKER = textwrap.dedent('''
+    import os, sys
+    import torch
+    import fastkd.engine as engine
+    from fastkd.config import load_config
+
+    built = {}
+    def keep_setup(*args, **kwargs):   # the distiller, to read this rank's memory banks
+        built["setup"] = engine_build(*args, **kwargs)
+        built["start"] = {name: buffer.clone() for name, buffer
+                          in built["setup"].distiller.named_buffers() if "memory" in name}
+        return built["setup"]
+    engine_build, engine.build_training = engine.build_training, keep_setup
+    engine.train(load_config(sys.argv[1]))
+    banks = {name: buffer.clone() for name, buffer in built["setup"].distiller.named_buffers()
+             if "memory" in name}
+    torch.save({"end": banks, "start": built["start"]}, os.path.join(sys.argv[2], "banks%s.pt" % os.environ["RANK"]))
+''')
+
+
+def test_crd_memory_banks_stay_identical_across_ranks(tmp_path):
+    """Each rank updates the rows of the samples of every rank (gathered embeddings), so after
+    training both ranks hold the same banks, and the banks have moved from their random start."""
+    from run_helpers import teacher_checkpoint
+    make_image_folder(tmp_path / "data")
+    cfg = tiny_config(tmp_path, train={"batch_size": 4, "epochs": 1},
+                      model={"name": "test_vit", "kwargs": {"img_size": 32}},
+                      teacher={"name": "test_vit", "checkpoint": str(teacher_checkpoint(tmp_path)),
+                               "kwargs": {"img_size": 32}},
+                      distill={"method": "crd", "params": {"num_negatives": 8, "feat_dim": 16}})
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "banks.py").write_text(BANK_WORKER)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(tmp_path / "banks.py"), str(tmp_path / "cfg.yaml"), str(tmp_path)],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    banks = [torch.load(tmp_path / f"banks{r}.pt", weights_only=True) for r in (0, 1)]
+    assert {"memory_s", "memory_t"} <= {name.split(".")[-1] for name in banks[0]["end"]}
+    for name, bank in banks[0]["end"].items():
+        assert torch.equal(bank, banks[1]["end"][name]), name
+        if name.split(".")[-1] in ("memory_s", "memory_t"):
+            assert not torch.equal(bank, banks[0]["start"][name]), f"{name} never updated"
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_nodes_over_c10d_rendezvous_write_one_run(tmp_path):
+    """Two torchrun agents (`--nnodes=2`, one process each) meet over c10d on localhost, as two
+    cluster nodes would: one run directory, trained and evaluated by a world of 2."""
+    make_image_folder(tmp_path / "data")
+    cfg = tiny_config(tmp_path, train={"batch_size": 4, "epochs": 1})
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    endpoint = f"127.0.0.1:{_free_port()}"
+    agents = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+         "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=fastkd-test",
+         "-m", "fastkd", "train", str(tmp_path / "cfg.yaml")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [agent.communicate(timeout=300) for agent in agents]
+    for agent, (_, err) in zip(agents, outputs):
+        assert agent.returncode == 0, err[-4000:]
+    runs = list((tmp_path / "runs").iterdir())
+    assert [run.name for run in runs] == ["run"]
+    env = json.loads((runs[0] / "env.json").read_text())
+    assert env["world_size"] == 2 and env["global_batch"] == 8
+    rows = read_summary(runs[0])
+    assert len(rows) == 1 and float(rows[0]["eval_top1"]) >= 0
+    assert (runs[0] / "student.safetensors").is_file()

@@ -1,0 +1,11 @@
+#!/bin/bash
+# fastkd on every GPU of one machine (torchrun's standalone rendezvous, no SLURM needed):
+#   scripts/single_node.sh configs/imagenet/dkd/resnet34-resnet18.yaml [key=value ...]
+#   scripts/single_node.sh --resume RUN_DIR
+set -euo pipefail
+if [[ $# -eq 0 ]]; then
+    echo "usage: $0 CONFIG.yaml [key=value ...] | --resume RUN_DIR" >&2
+    exit 2
+fi
+NPROC=${NPROC:-$(nvidia-smi --list-gpus | wc -l)}
+exec torchrun --standalone --nproc_per_node="$NPROC" -m fastkd train "$@"
