@@ -22,7 +22,9 @@ import argparse
 import importlib
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import fastkd
 
@@ -148,11 +150,6 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_data_check(argv: list[str]) -> int:
-    from fastkd.pipelines import data_check_main
-    return data_check_main(argv)
-
-
 def _optional_main(module_name: str, what: str):
     """`module.main`, or None with a message when the module is not part of this install."""
     try:
@@ -165,84 +162,130 @@ def _optional_main(module_name: str, what: str):
         return None
 
 
-def run_bench(scenario: str, argv: list[str]) -> int:
-    scenario_main = _optional_main(f"fastkd.bench.{scenario}", f"bench scenario '{scenario}'")
-    return EXIT_FAILED if scenario_main is None else scenario_main(argv) or 0
+def cmd_data(args: argparse.Namespace) -> int:
+    from fastkd.pipelines import data_check_main
+    return data_check_main(args.rest)
 
 
-def run_demo(argv: list[str]) -> int:
+def cmd_bench(args: argparse.Namespace) -> int:
+    scenario_main = _optional_main(f"fastkd.bench.{args.scenario}",
+                                   f"bench scenario '{args.scenario}'")
+    return EXIT_FAILED if scenario_main is None else scenario_main(args.rest) or 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
     demo_main = _optional_main("fastkd.demo", "the demo")
-    return EXIT_FAILED if demo_main is None else demo_main(argv) or 0
+    return EXIT_FAILED if demo_main is None else demo_main(args.rest) or 0
 
 
-def run_cache(argv: list[str]) -> int:
+def cmd_cache(args: argparse.Namespace) -> int:
     from fastkd.cache.tools import main as cache_main
-    return cache_main(argv)
+    return cache_main(args.rest)
 
 
-def _passthrough(argv: list[str]):
-    """Verbs whose arguments (including --help) belong to another module's own parser."""
-    if argv[:2] == ["data", "check"]:
-        return lambda: run_data_check(argv[2:])
-    if argv[:1] == ["cache"]:
-        return lambda: run_cache(argv[1:])
-    if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHES:
-        return lambda: run_bench(argv[1], argv[2:])
-    if argv[:1] == ["demo"]:
-        return lambda: run_demo(argv[1:])
-    return None
+# ------------------------------------------------------------------------------ parsers
+# One dispatch: the top-level parser takes VERB and hands the rest of the line to that verb's
+# parser, so `fastkd VERB --help` is always the verb's own help. Verbs served by another
+# module (data, cache, bench, demo) pass `rest`, the arguments after their own positionals,
+# to that module's `main(argv)`, whose parser owns those options; a verb without a parser
+# (cache, demo) passes all of them.
 
 
-# ------------------------------------------------------------------------------ parser
+def _verb_parser(verb: str, description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=f"fastkd {verb}", description=description)
+
+
+def _forwarding(parser: argparse.ArgumentParser, what: str) -> argparse.ArgumentParser:
+    parser.add_argument("rest", nargs=argparse.REMAINDER, metavar="...",
+                        help=f"options of {what} (its --help lists them)")
+    return parser
+
+
+def train_parser() -> argparse.ArgumentParser:
+    parser = _verb_parser("train", "Train a student; key.sub=value overrides any config key.")
+    parser.add_argument("args", nargs="*", metavar="CONFIG [key=value ...]",
+                        help="YAML config, then overrides (with --resume: overrides only)")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue RUN_DIR from its last.pt with the run's own config; only "
+                             "harmless keys may be overridden (see fastkd.checkpoint.RESUMABLE_KEYS)")
+    return parser
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    parser = _verb_parser("eval", "Evaluate the student of CONFIG or of RUN_DIR.")
+    parser.add_argument("target", metavar="CONFIG|RUN_DIR")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("--checkpoint", metavar="PATH|last|best",
+                        help="weights: a fastkd .pt, a state dict or .safetensors file; in a "
+                             "run directory 'last' (default) or 'best'")
+    return parser
+
+
+def export_parser() -> argparse.ArgumentParser:
+    parser = _verb_parser("export", "(Re)write the student-only weights of a run.")
+    parser.add_argument("run_dir", metavar="RUN_DIR")
+    parser.add_argument("--ema", action="store_true", help="export the EMA weights instead")
+    parser.add_argument("--checkpoint", metavar="last|best|PATH", help="default: last")
+    return parser
+
+
+def methods_parser() -> argparse.ArgumentParser:
+    return _verb_parser("methods", "List the distillation methods and what each needs.")
+
+
+def data_parser() -> argparse.ArgumentParser:
+    parser = _verb_parser("data", "Data tools: `fastkd data check ROOT [...]`.")
+    parser.add_argument("tool", choices=["check"])
+    return _forwarding(parser, "the tool")
+
+
+def bench_parser() -> argparse.ArgumentParser:
+    parser = _verb_parser("bench", "Throughput scenarios; each writes results.json, results.md "
+                                   "and a chart.")
+    parser.add_argument("scenario", choices=BENCHES)
+    return _forwarding(parser, "the scenario")
+
+
+@dataclass(frozen=True)
+class Verb:
+    summary: str
+    parser: Callable[[], argparse.ArgumentParser] | None
+    handler: Callable[[argparse.Namespace], int]
+
+
+VERBS = {
+    "train": Verb("train (or resume) a run", train_parser, cmd_train),
+    "eval": Verb("top-1/top-5 of a student on the validation split", eval_parser, cmd_eval),
+    "export": Verb("write RUN_DIR/student.safetensors, student.json and RUN_DIR/timm",
+                   export_parser, cmd_export),
+    "methods": Verb("list the distillation methods and their needs", methods_parser, cmd_methods),
+    "data": Verb("data tools: `fastkd data check ROOT [...]`", data_parser, cmd_data),
+    "cache": Verb("the teacher cache: `fastkd cache build|verify|info [...]`", None, cmd_cache),
+    "bench": Verb(f"throughput scenarios: `fastkd bench {'|'.join(BENCHES)} [...]`", bench_parser,
+                  cmd_bench),
+    "demo": Verb("distillation demo on bundled data", None, cmd_demo),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    verbs = "\n".join(f"  {name:<9}{verb.summary}" for name, verb in VERBS.items())
     parser = argparse.ArgumentParser(
-        prog="fastkd", description="Knowledge distillation for image classification: every method, fast.")
+        prog="fastkd", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Knowledge distillation for image classification: every method, fast.",
+        epilog=f"verbs:\n{verbs}\n\n`fastkd VERB --help` shows the options of VERB.")
     parser.add_argument("--version", action="version", version=f"fastkd {fastkd.__version__}")
-    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
-
-    train = verbs.add_parser("train", help="train (or resume) a run",
-                             description="Train a student; key.sub=value overrides any config key.")
-    train.add_argument("args", nargs="*", metavar="CONFIG [key=value ...]",
-                       help="YAML config, then overrides (with --resume: overrides only)")
-    train.add_argument("--resume", metavar="RUN_DIR",
-                       help="continue RUN_DIR from its last.pt with the run's own config; only "
-                            "harmless keys may be overridden (see fastkd.checkpoint.RESUMABLE_KEYS)")
-    train.set_defaults(handler=cmd_train)
-
-    evaluate = verbs.add_parser("eval", help="top-1/top-5 of a student on the validation split",
-                                description="Evaluate the student of CONFIG or of RUN_DIR.")
-    evaluate.add_argument("target", metavar="CONFIG|RUN_DIR")
-    evaluate.add_argument("overrides", nargs="*", metavar="key=value")
-    evaluate.add_argument("--checkpoint", metavar="PATH|last|best",
-                          help="weights: a fastkd .pt, a state dict or .safetensors file; in a "
-                               "run directory 'last' (default) or 'best'")
-    evaluate.set_defaults(handler=cmd_eval)
-
-    export = verbs.add_parser("export", help="write RUN_DIR/student.safetensors + student.json",
-                              description="(Re)write the student-only weights of a run.")
-    export.add_argument("run_dir", metavar="RUN_DIR")
-    export.add_argument("--ema", action="store_true", help="export the EMA weights instead")
-    export.add_argument("--checkpoint", metavar="last|best|PATH", help="default: last")
-    export.set_defaults(handler=cmd_export)
-
-    methods = verbs.add_parser("methods", help="list the distillation methods and their needs")
-    methods.set_defaults(handler=cmd_methods)
-
-    # The verbs below hand their arguments to another module's parser (`_passthrough`);
-    # these entries only document them and reject what no module would take.
-    data = verbs.add_parser("data", help="data tools: `fastkd data check ROOT [...]`",
-                            description="`fastkd data check ROOT --help` lists the checker's options.")
-    data.add_argument("tool", choices=["check"])
-    verbs.add_parser("cache", help="the teacher cache: `fastkd cache build|verify|info [...]`",
-                     description="`fastkd cache --help` lists its verbs and options.")
-    bench = verbs.add_parser("bench", help="throughput scenarios: `fastkd bench "
-                                           "loader|kernels|e2e|step|all [...]`",
-                             description="`fastkd bench SCENARIO --help` lists its options.")
-    bench.add_argument("scenario", choices=BENCHES)
-    verbs.add_parser("demo", help="distillation demo on bundled data (`fastkd demo --help`)")
+    parser.add_argument("verb", choices=VERBS, metavar="VERB")
+    parser.add_argument("verb_args", nargs=argparse.REMAINDER, metavar="...")
     return parser
+
+
+def parse_command(argv: list[str]) -> tuple[Verb, argparse.Namespace]:
+    """The verb named by `argv` and its own arguments, parsed by its own parser."""
+    top = build_parser().parse_args(argv)
+    verb = VERBS[top.verb]
+    if verb.parser is None:
+        return verb, argparse.Namespace(rest=top.verb_args)
+    return verb, verb.parser().parse_args(top.verb_args)
 
 
 class _StdoutHandler(logging.StreamHandler):
@@ -280,11 +323,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str]) -> int:
     try:
-        passthrough = _passthrough(argv)
-        if passthrough is not None:
-            return passthrough()
-        args = build_parser().parse_args(argv)
-        return args.handler(args)
+        verb, args = parse_command(argv)
+        return verb.handler(args)
     except (SystemExit, KeyboardInterrupt):
         raise   # first, so that --help and --version do not import the heavy modules below
     except _user_errors() as error:

@@ -2,6 +2,8 @@
 train → eval → export session driven through `fastkd.cli.main` in-process."""
 from __future__ import annotations
 
+import argparse
+
 import subprocess
 import sys
 
@@ -10,7 +12,7 @@ import timm
 import torch
 
 from fastkd import __version__
-from fastkd.cli import main, methods_table, run_bench
+from fastkd.cli import VERBS, cmd_bench, main, methods_table
 from fastkd.distillers import DISTILLERS
 from fastkd.distillers.base import Vanilla
 
@@ -62,8 +64,38 @@ def test_methods_lists_every_registered_method_with_its_needs(capsys):
 
 
 def test_missing_bench_scenario_fails_clearly(capsys):
-    assert run_bench("no_such_scenario", []) == 1
+    assert cmd_bench(argparse.Namespace(scenario="no_such_scenario", rest=[])) == 1
     assert "not available" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("line, prog", [
+    (["train"], "fastkd train"), (["eval"], "fastkd eval"), (["export"], "fastkd export"),
+    (["methods"], "fastkd methods"), (["data"], "fastkd data"), (["data", "check"], "fastkd data check"),
+    (["cache"], "fastkd cache"), (["cache", "build"], "fastkd cache build"),
+    (["bench"], "fastkd bench"), (["bench", "step"], "fastkd bench step"), (["demo"], "fastkd demo"),
+])
+def test_every_verb_help_is_its_own(line, prog, capsys):
+    """One dispatch: `--help` after any verb (or sub-verb) reaches the parser that owns it."""
+    with pytest.raises(SystemExit) as stop:
+        main(line + ["--help"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: {prog} ")
+
+
+def test_top_level_help_lists_every_verb(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert all(f"  {name} " in out for name in VERBS)
+
+
+@pytest.mark.parametrize("line", [["nope"], ["bench", "nope"], ["data", "nope"],
+                                  ["train", "--bogus"], ["export"], []])
+def test_bad_command_lines_exit_2(line, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(line)
+    assert stop.value.code == 2
+    assert "error:" in capsys.readouterr().err
 
 
 def test_data_check_passes_through(tmp_path, capsys):
