@@ -3,7 +3,6 @@ train → eval → export session driven through `fastkd.cli.main` in-process.""
 from __future__ import annotations
 
 import argparse
-
 import subprocess
 import sys
 
