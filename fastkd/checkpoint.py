@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from fastkd.compat import ema_rounding_state, restore_ema_rounding_state
-from fastkd.config import Config, ConfigError, config_to_dict, from_dict
+from fastkd.config import Config, ConfigError, config_to_dict, from_dict, replace
 from fastkd.weight_files import WeightFileError
 
 
@@ -157,9 +157,15 @@ def _keep_previous(path: Path, sums: list[str]) -> None:
 def make_checkpoint(*, distiller: nn.Module, optimizer, scheduler, scaler, ema,
                     position: TrainPosition, config: dict, rng_states: list[dict],
                     epoch_meters: dict[str, Tensor], student_info: dict,
-                    steps_per_epoch: int = 0) -> dict:
+                    steps_per_epoch: int = 0, rank_states: list[dict] | None = None) -> dict:
     """The checkpoint dict. `distiller` must be the unwrapped module (no DDP `module.` prefix);
-    `rng_states` holds one entry per rank (so its length is the world size that wrote it)."""
+    `rng_states` holds one entry per rank (so its length is the world size that wrote it).
+
+    `rank_states` (one `rank_state` per rank) keeps what differs between ranks in the middle
+    of an epoch besides the RNG: each rank's running loss sums, and the EMA's BatchNorm
+    statistics, which each rank updates from its own batches (DDP broadcasts the student's
+    buffers, not the EMA's, which lives outside DDP) until the epoch end averages them.
+    `epoch_meters` and `ema` are rank 0's."""
     return {
         "version": CHECKPOINT_VERSION,
         "distiller": distiller.state_dict(),
@@ -175,7 +181,33 @@ def make_checkpoint(*, distiller: nn.Module, optimizer, scheduler, scaler, ema,
         "epoch_meters": {name: value.detach().cpu() for name, value in epoch_meters.items()},
         "student_info": student_info,
         "steps_per_epoch": steps_per_epoch,
+        "ranks": rank_states,
     }
+
+
+def rank_state(epoch_meters: dict[str, Tensor], ema) -> dict:
+    """What one rank alone holds mid-epoch (see `make_checkpoint`), on the CPU."""
+    buffers = {} if ema is None else {
+        name: buffer.detach().cpu().clone() for name, buffer in ema.module.named_buffers()
+        if buffer.is_floating_point()}
+    return {"epoch_meters": {name: value.detach().cpu() for name, value in epoch_meters.items()},
+            "ema_buffers": buffers,
+            "ema_rounding_rng": ema_rounding_state(ema) if ema is not None else None}
+
+
+def restore_rank_state(checkpoint: dict, rank: int, ema) -> dict[str, Tensor]:
+    """Put back this rank's EMA buffers (and EMA rounding generator); return its loss sums.
+    A checkpoint without per-rank states (written before they were kept) gives rank 0's."""
+    states = checkpoint.get("ranks")
+    if not states:
+        return checkpoint["epoch_meters"]
+    mine = states[rank]
+    if ema is not None:
+        for name, buffer in ema.module.named_buffers():
+            if name in mine["ema_buffers"]:
+                buffer.copy_(mine["ema_buffers"][name])
+        restore_ema_rounding_state(ema, mine["ema_rounding_rng"])
+    return mine["epoch_meters"]
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -272,6 +304,23 @@ def resume_config(saved: dict, requested: Config) -> Config:
     merged = config_to_dict(requested)
     merged["output"].update(dir=saved["output"]["dir"], name=saved["output"]["name"])
     return from_dict(Config, merged)
+
+
+def keep_global_batch(cfg: Config, checkpoint: dict, world_size: int) -> Config:
+    """`cfg` with the per-process batch that keeps the checkpoint's global batch on
+    `world_size` processes: a run resumed on another world size continues with the global
+    batch, and so the steps per epoch and the LR (`optim.lr`, or the linear rule of the same
+    global batch), it records. A global batch that does not split evenly is a ConfigError."""
+    saved_world = len(checkpoint["rng"])
+    if saved_world == world_size:
+        return cfg
+    global_batch = checkpoint["config"]["train"]["batch_size"] * saved_world
+    if global_batch % world_size:
+        splits = [n for n in range(1, global_batch + 1) if global_batch % n == 0]
+        raise ConfigError(f"this run's global batch of {global_batch} (recorded on {saved_world} "
+                          f"process(es)) cannot be split over {world_size} processes; resume it "
+                          f"on {', '.join(map(str, splits))} processes")
+    return replace(cfg, train={"batch_size": global_batch // world_size})
 
 
 # ----------------------------------------------------------------------------- student export

@@ -29,8 +29,8 @@ from torch import Tensor, nn
 from fastkd.build import (AMP_DTYPES, TrainingSetup, build_evaluation, build_training,
                           check_runnable)
 from fastkd.checkpoint import (BEST, LAST, TrainPosition, atomic_save, capture_rng_state,
-                               export_student, make_checkpoint, restore_rng_state,
-                               restore_training_state)
+                               export_student, make_checkpoint, rank_state, restore_rank_state,
+                               restore_rng_state, restore_training_state)
 from fastkd.config import Config, ConfigError, config_to_dict
 from fastkd.distributed import (World, all_gather_objects, all_reduce_, average_buffers_,
                                 barrier, init_world, shutdown_world)
@@ -111,7 +111,8 @@ def start_state(setup: TrainingSetup, run_dir: RunDir, checkpoint: dict | None) 
     if setup.teacher is not None and setup.teacher_source != "online":
         teacher += f" from the {setup.teacher_source}"
     where = ("from scratch" if checkpoint is None
-             else f"resumed at epoch {position.epoch}, batch {position.batch}")
+             else f"resumed at epoch {position.epoch}, batch {position.batch}"
+                  f"{_world_change(checkpoint, cfg, world)}")
     run_dir.log(f"run {run_dir.path} ({where}): {cfg.distill.method}, student {cfg.model.name} "
                 f"({student / 1e6:.2f}M params, method parts "
                 f"{setup.distiller.extra_parameter_count() / 1e6:.2f}M), teacher "
@@ -123,47 +124,60 @@ def start_state(setup: TrainingSetup, run_dir: RunDir, checkpoint: dict | None) 
     return state
 
 
+def _world_change(checkpoint: dict, cfg: Config, world: World) -> str:
+    """How a resume on another world size keeps the run's global batch (empty: same world)."""
+    saved_world = len(checkpoint["rng"])
+    if saved_world == world.world_size:
+        return ""
+    saved_batch = checkpoint["config"]["train"]["batch_size"]
+    return (f" on {world.world_size} process(es) instead of {saved_world}: per-process batch "
+            f"{saved_batch} -> {cfg.train.batch_size}, so the global batch "
+            f"{saved_batch * saved_world}, the steps per epoch and the LR stay the run's")
+
+
 def save_training_checkpoint(setup: TrainingSetup, run_path: Path, position: TrainPosition,
                              epoch_meters: dict[str, Tensor], *, also: str | None = None) -> None:
-    """Write `last.pt` (and `also`, e.g. best.pt). Every rank must call it: the RNG states of
-    all ranks are gathered; rank 0 writes."""
-    rng_states = all_gather_objects(capture_rng_state(), setup.world)
+    """Write `last.pt` (and `also`, e.g. best.pt). Every rank must call it: the RNG states and
+    the per-rank states of all ranks are gathered; rank 0 writes."""
+    gathered = all_gather_objects((capture_rng_state(), rank_state(epoch_meters, setup.ema)),
+                                  setup.world)
     if not setup.world.is_primary:
         return
     checkpoint = make_checkpoint(
         distiller=setup.distiller, optimizer=setup.optimizer, scheduler=setup.scheduler,
         scaler=setup.scaler, ema=setup.ema, position=position,
-        config=config_to_dict(setup.cfg), rng_states=rng_states, epoch_meters=epoch_meters,
-        student_info=setup.student_info, steps_per_epoch=setup.steps_per_epoch)
+        config=config_to_dict(setup.cfg), rng_states=[rng for rng, _ in gathered],
+        epoch_meters=epoch_meters, student_info=setup.student_info,
+        steps_per_epoch=setup.steps_per_epoch, rank_states=[state for _, state in gathered])
     for name in (LAST, also) if also else (LAST,):
         atomic_save(checkpoint, run_path / name, keep_previous=name == LAST)
 
 
 def resume_training(setup: TrainingSetup, checkpoint: dict
                     ) -> tuple[TrainPosition, dict[str, Tensor], dict | None]:
-    """Restore every stateful object; returns the position, the running epoch meters and this
-    rank's RNG states.
+    """Restore every stateful object; returns the position, this rank's running epoch meters
+    and its RNG states.
 
-    Another world size is accepted at an epoch boundary only: the global sample order does not
-    depend on it, but the per-rank batch count does, so a mid-epoch position would skip the
-    wrong samples. The step counter is then recounted for the new steps per epoch, and the RNG
-    states are not restored (fresh per-rank seeds: dropout masks differ, data does not)."""
+    Another world size is accepted at an epoch boundary only (`fastkd.checkpoint.
+    keep_global_batch` has already set the per-process batch that keeps the recorded global
+    batch, so the steps per epoch and the LR are the run's own). The sample order is then
+    exact (`pipelines.sampling`: a global batch holds the same samples on any world size);
+    the RNG states are not restored (fresh per-rank seeds: dropout masks differ, data does
+    not), and BatchNorm sees per-process batches of another size."""
     rng_states = checkpoint["rng"]
-    same_shape = (len(rng_states), checkpoint["steps_per_epoch"]) == (
-        setup.world.world_size, setup.steps_per_epoch)
-    if not same_shape and checkpoint["position"]["batch"] > 0:
+    same_world = len(rng_states) == setup.world.world_size
+    if not same_world and checkpoint["position"]["batch"] > 0:
         raise ConfigError(
-            f"this mid-epoch checkpoint was written by {len(rng_states)} process(es) with "
-            f"{checkpoint['steps_per_epoch']} steps per epoch; resume it with the same number of "
-            f"processes (this run: {setup.world.world_size}, {setup.steps_per_epoch} steps)")
+            f"this mid-epoch checkpoint was written by {len(rng_states)} process(es); resume it "
+            f"with the same number of processes (this run: {setup.world.world_size}), or from "
+            f"an epoch-end checkpoint")
     position = restore_training_state(checkpoint, distiller=setup.distiller,
                                       optimizer=setup.optimizer, scaler=setup.scaler, ema=setup.ema)
-    if same_shape:
-        return position, checkpoint["epoch_meters"], rng_states[setup.world.rank]
+    if same_world:
+        meters = restore_rank_state(checkpoint, setup.world.rank, setup.ema)
+        return position, meters, rng_states[setup.world.rank]
     position.global_step = (position.epoch - 1) * setup.steps_per_epoch
-    warnings.warn(f"resuming a run of {len(rng_states)} process(es) on {setup.world.world_size}: "
-                  f"data order resumes exactly, RNG states (dropout) do not", stacklevel=2)
-    return position, checkpoint["epoch_meters"], None
+    return position, {}, None   # an epoch boundary: no running sums
 
 
 # ---------------------------------------------------------------------------- resume config

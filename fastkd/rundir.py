@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from fastkd.checkpoint import LAST, check_finite_weights, load_checkpoint, resume_config
+from fastkd.checkpoint import (LAST, check_finite_weights, keep_global_batch, load_checkpoint,
+                               resume_config)
 from fastkd.config import Config, ConfigError, dump_config, replace
 from fastkd.distributed import World, broadcast_object
 
@@ -210,6 +211,8 @@ def open_run(cfg: Config, resume: str | Path | None, world: World
     (weights_only) and the config checked against the checkpoint's (`resume_config`).
     """
     if resume is None:
+        resume = broadcast_object(restarted_run(cfg) if world.is_primary else None, world)
+    if resume is None:
         name = broadcast_object(cfg.output.name or default_run_name(cfg), world)
         cfg = replace(cfg, output={"name": name})
         run_dir = RunDir(Path(cfg.output.dir) / name, writer=world.is_primary)
@@ -221,8 +224,50 @@ def open_run(cfg: Config, resume: str | Path | None, world: World
                           f"the run was stopped before its first checkpoint)")
     checkpoint = load_checkpoint(path / LAST)
     check_finite_weights(checkpoint, path / LAST)
-    cfg = resume_config(checkpoint["config"], cfg)
+    cfg = keep_global_batch(resume_config(checkpoint["config"], cfg), checkpoint, world.world_size)
     return cfg, RunDir(path, writer=world.is_primary), checkpoint
+
+
+def elastic_launch() -> dict | None:
+    """torchrun's rendezvous id and restart count, when torchrun started this process."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    return {"run_id": os.environ["TORCHELASTIC_RUN_ID"],
+            "restart_count": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))}
+
+
+def restarted_run(cfg: Config) -> str | None:
+    """The run that a worker group restarted by torchrun (`--max-restarts`) continues.
+
+    torchrun runs the same command line again after a failure, so without this a restart
+    would start over (or be refused: its output.name is taken). It is `output.dir/output.name`
+    when the name is set, else the newest run whose env.json records this launch's rendezvous
+    id (`--rdzv-id`; `--standalone` makes one per launch); None on a first start, or when the
+    failure came before the first checkpoint."""
+    launch = elastic_launch()
+    if launch is None or launch["restart_count"] == 0:
+        return None
+    base = Path(cfg.output.dir)
+    if cfg.output.name:
+        candidates = [base / cfg.output.name]
+    elif launch["run_id"] != "none" and base.is_dir():   # "none": torchrun's default id
+        candidates = [run for run in base.iterdir()
+                      if _recorded_launch_id(run / ENV_FILE) == launch["run_id"]]
+    else:
+        candidates = []
+    resumable = [run for run in candidates if (run / LAST).is_file()]
+    if not resumable:
+        return None
+    run = max(resumable, key=lambda path: (path / LAST).stat().st_mtime)
+    logger.warning(f"torchrun restart {launch['restart_count']}: resuming {run} from its {LAST}")
+    return str(run)
+
+
+def _recorded_launch_id(env_file: Path) -> str | None:
+    try:
+        return (json.loads(env_file.read_text()).get("launch") or {}).get("run_id")
+    except (OSError, ValueError):
+        return None
 
 
 def _csv_value(value):
@@ -282,5 +327,6 @@ def environment_record(*, device: torch.device, world_size: int, global_batch: i
         "metric": "top-1/top-5 (%) over every validation image once (padding excluded, "
                   "counts summed over ranks); best.pt by the student's top-1",
         "command": " ".join(sys.argv),
+        "launch": elastic_launch(),
         "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
     }

@@ -12,9 +12,9 @@ import torch
 from timm.utils import ModelEmaV3
 
 from fastkd.checkpoint import (TrainPosition, atomic_save, capture_rng_state, export_student,
-                               load_checkpoint, make_checkpoint, restore_rng_state,
-                               resume_config, student_state_dict)
-from fastkd.config import ConfigError, config_to_dict, load_config
+                               keep_global_batch, load_checkpoint, make_checkpoint,
+                               restore_rng_state, resume_config, student_state_dict)
+from fastkd.config import Config, ConfigError, config_to_dict, load_config
 from fastkd.distillers.base import Vanilla
 from fastkd.models import Teacher
 
@@ -134,9 +134,17 @@ def test_other_world_size_resumes_at_epoch_boundaries_only(tmp_path):
     checkpoint = load_checkpoint(run_dir / "last.pt")
     checkpoint["rng"] = checkpoint["rng"] * 2               # as if written by 2 processes
     atomic_save(checkpoint, run_dir / "last.pt")
-    with pytest.warns(UserWarning, match="resuming a run of 2 process"):
-        train(load_config(run_dir / "config.yaml", ["train.epochs=2"]), resume=run_dir)
-    assert load_checkpoint(run_dir / "last.pt")["position"]["global_step"] == 4
+    result = train(load_config(run_dir / "config.yaml", ["train.epochs=2"]), resume=run_dir)
+    # the recorded global batch (2 x 8) is kept on 1 process, and with it the LR
+    resumed = load_checkpoint(run_dir / "last.pt")
+    assert resumed["config"]["train"]["batch_size"] == 16
+    assert resumed["position"]["global_step"] == 4
+    assert len(resumed["rng"]) == 1 and len(resumed["ranks"]) == 1
+    env = json.loads((run_dir / "env.json").read_text())
+    assert (env["global_batch"], env["resumes"][-1]["global_batch"]) == (8, 16)
+    assert env["resumes"][-1]["lr"] == env["lr"]
+    assert "per-process batch 8 -> 16, so the global batch 16" in (run_dir / "log.txt").read_text()
+    assert result.final_top1 is not None
 
     checkpoint = load_checkpoint(run_dir / "last.pt")
     checkpoint["rng"] = checkpoint["rng"] * 2
@@ -144,6 +152,15 @@ def test_other_world_size_resumes_at_epoch_boundaries_only(tmp_path):
     atomic_save(checkpoint, run_dir / "last.pt")
     with pytest.raises(ConfigError, match="same number of processes"):
         train(load_config(run_dir / "config.yaml"), resume=run_dir)
+
+
+def test_a_global_batch_that_does_not_split_names_the_world_sizes_that_do():
+    cfg = Config()
+    checkpoint = {"rng": [{}] * 2, "config": {"train": {"batch_size": 6}}}
+    assert keep_global_batch(cfg, checkpoint, 4).train.batch_size == 3
+    assert keep_global_batch(cfg, checkpoint, 2) is cfg
+    with pytest.raises(ConfigError, match="12 .* over 5 processes; resume it on 1, 2, 3, 4, 6, 12"):
+        keep_global_batch(cfg, checkpoint, 5)
 
 
 def test_cuda_rng_state_is_this_devices_only(monkeypatch):
