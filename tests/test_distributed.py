@@ -3,6 +3,7 @@ non-finite agreement across ranks, metrics summed over ranks, only rank 0 writin
 from __future__ import annotations
 
 import json
+import os
 import math
 import subprocess
 import sys
@@ -276,3 +277,108 @@ def test_two_nodes_over_c10d_rendezvous_write_one_run(tmp_path):
     rows = read_summary(runs[0])
     assert len(rows) == 1 and float(rows[0]["eval_top1"]) >= 0
     assert (runs[0] / "student.safetensors").is_file()
+
+
+# A worker that torchrun restarts: rank 1 kills itself (SIGKILL, no handler runs) at its
+# KILL_AT-th training step of the first attempt; torchrun --max-restarts=1 restarts both.
+KILLED_ONCE_WORKER = textwrap.dedent('''
+    import os, signal, sys
+    from fastkd.cli import main
+    from fastkd.distillers import DISTILLERS
+    from fastkd.distillers.base import Vanilla
+
+    class KilledOnce(Vanilla):
+        name = "killed_once_test"
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.steps = 0
+
+        def forward(self, images, labels, *, epoch=1.0, indices=None):
+            self.steps += self.training
+            first_attempt = os.environ["TORCHELASTIC_RESTART_COUNT"] == "0"
+            if first_attempt and os.environ["RANK"] == "1" and self.steps == int(os.environ["KILL_AT"]):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return super().forward(images, labels, epoch=epoch, indices=indices)
+
+    DISTILLERS[KilledOnce.name] = KilledOnce
+    sys.exit(main(["train"] + sys.argv[1:]))
+''')
+
+TIMINGS = ("img_per_sec", "data_wait", "epoch_seconds")
+
+
+def test_a_rank_killed_mid_epoch_is_restarted_by_torchrun_and_resumes_exactly(tmp_path):
+    """2 ranks, BatchNorm student with EMA, a checkpoint every 3 steps (4 per epoch): rank 1
+    is SIGKILLed at step 7, torchrun (--max-restarts=1) restarts both, and the restarted
+    group resumes the same run from step 6 (mid-epoch 2). Weights, EMA (its BatchNorm
+    statistics are per rank until the epoch ends) and every logged loss equal those of an
+    uninterrupted run."""
+    make_image_folder(tmp_path / "data")
+    (tmp_path / "worker.py").write_text(KILLED_ONCE_WORKER)
+    runs = {}
+    for name, kill_at in (("uninterrupted", 0), ("killed", 7)):
+        cfg = tiny_config(tmp_path, distill={"method": "killed_once_test"},
+                          train={"batch_size": 4, "epochs": 2, "ema": True, "ema_decay": 0.5,
+                                 "checkpoint_interval": 3},
+                          output={"dir": str(tmp_path / "runs"), "name": name, "tensorboard": False})
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+        done = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             "--max-restarts=1", "--monitor-interval=0.2", str(tmp_path / "worker.py"),
+             str(tmp_path / f"{name}.yaml")],
+            capture_output=True, text=True, timeout=300, env={**os.environ, "KILL_AT": str(kill_at)})
+        assert done.returncode == 0, done.stderr[-4000:]
+        runs[name] = tmp_path / "runs" / name
+    log = (runs["killed"] / "log.txt").read_text()
+    assert "resumed at epoch 2, batch 2" in log, log[-2000:]
+    env = json.loads((runs["killed"] / "env.json").read_text())
+    assert env["resumes"][-1]["launch"]["restart_count"] == 1
+    final = {name: torch.load(run / "last.pt", weights_only=True) for name, run in runs.items()}
+    for part in ("distiller", "ema"):
+        reference = final["uninterrupted"][part]
+        differ = [k for k, v in final["killed"][part].items() if not torch.equal(v, reference[k])]
+        assert not differ, f"{part}: {differ[:5]}"
+    rows = {name: [{k: v for k, v in row.items() if k not in TIMINGS} for row in read_summary(run)]
+            for name, run in runs.items()}
+    assert rows["killed"] == rows["uninterrupted"]
+
+
+def test_resume_on_another_world_size_keeps_the_global_batch_and_lr(tmp_path):
+    """Epoch 1 on one process (batch 8), epoch 2 resumed on two (batch 4 each, said in the
+    log): the global batches hold the same samples on any world size, so with a student
+    without batch statistics (test_vit) and a constant LR the weights are those of an
+    uninterrupted one-process run, to float tolerance."""
+    from safetensors.torch import load_file
+    from fastkd.config import load_config
+    from fastkd.engine import train
+    make_image_folder(tmp_path / "data")
+    common = dict(model={"name": "test_vit", "kwargs": {"img_size": 32}},
+                  optim={"opt": "sgd", "lr": None, "lr_base": 0.1, "lr_base_size": 16},
+                  sched={"sched": "step", "decay_epochs": 30})
+    reference = train(load_config(write_yaml(tmp_path, "reference", epochs=2, **common))).run_dir
+    split = train(load_config(write_yaml(tmp_path, "split", epochs=1, **common))).run_dir
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "fastkd", "train", "--resume", str(split), "train.epochs=2"],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert ("on 2 process(es) instead of 1: per-process batch 8 -> 4, so the global batch 8"
+            in (split / "log.txt").read_text())
+    env = json.loads((split / "env.json").read_text())
+    resumed = env["resumes"][-1]
+    assert (resumed["world_size"], resumed["global_batch"]) == (2, 8)
+    assert resumed["lr"] == env["lr"] == pytest.approx(0.05)
+    expected = load_file(reference / "student.safetensors")
+    for key, value in load_file(split / "student.safetensors").items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert [r["epoch"] for r in read_summary(split)] == ["1", "2"]
+
+
+def write_yaml(tmp_path, name: str, *, epochs: int, **sections) -> "Path":
+    cfg = tiny_config(tmp_path, train={"batch_size": 8, "epochs": epochs},
+                      output={"dir": str(tmp_path / "runs"), "name": name, "tensorboard": False},
+                      **sections)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

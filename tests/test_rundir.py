@@ -1,6 +1,8 @@
 """The run directory's own rules: one run at a time (the lock), stale locks taken over."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from fastkd.cli import main
@@ -33,3 +35,29 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_warning(tmp_path):
     with pytest.raises(ConfigError, match="in use"):
         RunDir(path).lock()
     run_dir.close()
+
+
+def _finished_run(path, run_id: str):
+    path.mkdir(parents=True)
+    (path / "env.json").write_text(json.dumps({"launch": {"run_id": run_id, "restart_count": 0}}))
+    (path / "last.pt").write_bytes(b"")
+
+
+@pytest.mark.parametrize("name", [None, "named"])
+def test_a_torchrun_restart_finds_the_run_it_continues(tmp_path, monkeypatch, name):
+    """torchrun --max-restarts runs the same command line again: the restarted workers must
+    continue their run (by output.name, or by the rendezvous id env.json records)."""
+    from fastkd.config import Config, replace
+    from fastkd.rundir import restarted_run
+    cfg = replace(Config(), output={"dir": str(tmp_path), "name": name})
+    _finished_run(tmp_path / ("named" if name else "kd-x-1"), "job-7")
+    _finished_run(tmp_path / "kd-x-0", "job-6")          # another launch's run
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert restarted_run(cfg) is None                     # a first start is a new run
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert restarted_run(cfg) == str(tmp_path / ("named" if name else "kd-x-1"))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")     # torchrun's default id names no run
+    assert (restarted_run(cfg) is None) == (name is None)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    assert restarted_run(cfg) is None                     # not under torchrun
