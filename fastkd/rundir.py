@@ -33,7 +33,7 @@ import torch
 from fastkd.checkpoint import (LAST, check_finite_weights, keep_global_batch, load_checkpoint,
                                resume_config)
 from fastkd.config import Config, ConfigError, dump_config, replace
-from fastkd.distributed import World, broadcast_object
+from fastkd.distributed import World, all_reduce_, broadcast_object
 
 logger = logging.getLogger(__name__)
 
@@ -210,8 +210,9 @@ def open_run(cfg: Config, resume: str | Path | None, world: World
     broadcasts it), the name filled into the config. Resume: `resume/last.pt` loaded
     (weights_only) and the config checked against the checkpoint's (`resume_config`).
     """
-    if resume is None:
-        resume = broadcast_object(restarted_run(cfg) if world.is_primary else None, world)
+    if resume is None and elastic_launch() is not None:
+        restarts = group_restart_count(world)
+        resume = broadcast_object(restarted_run(cfg, restarts) if world.is_primary else None, world)
     if resume is None:
         name = broadcast_object(cfg.output.name or default_run_name(cfg), world)
         cfg = replace(cfg, output={"name": name})
@@ -236,7 +237,15 @@ def elastic_launch() -> dict | None:
             "restart_count": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))}
 
 
-def restarted_run(cfg: Config) -> str | None:
+def group_restart_count(world: World) -> int:
+    """How often torchrun restarted this worker group. Each node's agent counts only the
+    restarts its own workers' failures caused (a node whose workers were only stopped for a
+    failure elsewhere still says 0), so the group's count is the largest of its ranks'."""
+    count = torch.tensor([elastic_launch()["restart_count"]], device=world.device)
+    return int(all_reduce_(count, world, op="max").item())
+
+
+def restarted_run(cfg: Config, restart_count: int) -> str | None:
     """The run that a worker group restarted by torchrun (`--max-restarts`) continues.
 
     torchrun runs the same command line again after a failure, so without this a restart
@@ -245,7 +254,7 @@ def restarted_run(cfg: Config) -> str | None:
     id (`--rdzv-id`; `--standalone` makes one per launch); None on a first start, or when the
     failure came before the first checkpoint."""
     launch = elastic_launch()
-    if launch is None or launch["restart_count"] == 0:
+    if launch is None or restart_count == 0:
         return None
     base = Path(cfg.output.dir)
     if cfg.output.name:
@@ -259,7 +268,7 @@ def restarted_run(cfg: Config) -> str | None:
     if not resumable:
         return None
     run = max(resumable, key=lambda path: (path / LAST).stat().st_mtime)
-    logger.warning(f"torchrun restart {launch['restart_count']}: resuming {run} from its {LAST}")
+    logger.warning(f"torchrun restart {restart_count}: resuming {run} from its {LAST}")
     return str(run)
 
 

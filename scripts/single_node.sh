@@ -10,5 +10,8 @@ if [[ $# -eq 0 ]]; then
     exit 2
 fi
 NPROC=${NPROC:-$(nvidia-smi --list-gpus | wc -l)}
+# A store of its own for each rendezvous round, so that a restarted group never meets the
+# failed round's keys (fastkd.distributed.restart_store_warning).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 exec torchrun --standalone --nproc_per_node="$NPROC" --max-restarts="${FASTKD_MAX_RESTARTS:-3}" \
     -m fastkd train "$@"

@@ -53,11 +53,20 @@ def test_a_torchrun_restart_finds_the_run_it_continues(tmp_path, monkeypatch, na
     _finished_run(tmp_path / ("named" if name else "kd-x-1"), "job-7")
     _finished_run(tmp_path / "kd-x-0", "job-6")          # another launch's run
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
-    assert restarted_run(cfg) is None                     # a first start is a new run
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    assert restarted_run(cfg) == str(tmp_path / ("named" if name else "kd-x-1"))
+    assert restarted_run(cfg, 0) is None                  # a first start is a new run
+    assert restarted_run(cfg, 1) == str(tmp_path / ("named" if name else "kd-x-1"))
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")     # torchrun's default id names no run
-    assert (restarted_run(cfg) is None) == (name is None)
+    assert (restarted_run(cfg, 1) is None) == (name is None)
     monkeypatch.delenv("TORCHELASTIC_RUN_ID")
-    assert restarted_run(cfg) is None                     # not under torchrun
+    assert restarted_run(cfg, 1) is None                  # not under torchrun
+
+
+def test_a_restartable_group_on_a_shared_store_is_warned(monkeypatch):
+    from fastkd.distributed import restart_store_warning
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
+    assert restart_store_warning() is None                 # no restart, nothing to meet again
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in restart_store_warning()
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")   # what the variable gives
+    assert restart_store_warning() is None
