@@ -11,9 +11,12 @@ import torch
 import yaml
 from PIL import Image
 
+from fastkd.distillers.base import Vanilla
+
 NUM_CLASSES = 4
 TRAIN_PER_CLASS = 8          # 32 train images: 4 steps of 8
 VAL_COUNTS = (4, 3, 3, 3)    # 13 val images: an odd count, so 2 ranks need one padded sample
+TESTS_DIR = Path(__file__).resolve().parent   # on sys.path of the worker scripts of DDP tests
 
 
 def make_image_folder(root: Path) -> Path:
@@ -72,3 +75,21 @@ def assert_student_loads_into_timm(run_dir: Path, name: str = "test_resnet", **k
     from safetensors.torch import load_file
     model = timm.create_model(name, num_classes=NUM_CLASSES, **kwargs)
     model.load_state_dict(load_file(run_dir / "student.safetensors"), strict=True)
+
+
+class StepHookMethod(Vanilla):
+    """The student alone, with a hook called at every forward with its 1-based number: the
+    base of the test methods that misbehave at a chosen step (NaN terms, a killed rank)."""
+    name = "step_hook_test"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = 0
+
+    def forward(self, images, labels, *, epoch=1.0, indices=None):
+        logits, terms = super().forward(images, labels, epoch=epoch, indices=indices)
+        self.calls += 1
+        return logits, self.at_step(self.calls, logits, terms)
+
+    def at_step(self, step: int, logits, terms: dict) -> dict:
+        return terms

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from run_helpers import make_image_folder, read_summary, tiny_config
+from run_helpers import TESTS_DIR, make_image_folder, read_summary, tiny_config
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -21,31 +21,28 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 # ranks must agree to skip (one skipping while the other steps would desynchronise DDP).
 WORKER = textwrap.dedent('''
     import os, sys
+    sys.path.insert(0, os.environ["FASTKD_TESTS_DIR"])
     import torch
     from fastkd.config import load_config
     from fastkd.distillers import DISTILLERS
-    from fastkd.distillers.base import Vanilla
     from fastkd.engine import train
+    from run_helpers import StepHookMethod
 
-    class NanOnRankOne(Vanilla):
+    class NanOnRankOne(StepHookMethod):
         name = "nan_on_rank_one_test"
 
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.calls = 0
-
-        def forward(self, images, labels, *, epoch=1.0, indices=None):
-            logits, terms = super().forward(images, labels, epoch=epoch, indices=indices)
-            self.calls += 1
-            if self.calls == 1 and os.environ["RANK"] == "1":
-                terms = {name: value * float("nan") for name, value in terms.items()}
-            return logits, terms
+        def at_step(self, step, logits, terms):
+            if step == 1 and os.environ["RANK"] == "1":
+                return {name: value * float("nan") for name, value in terms.items()}
+            return terms
 
     DISTILLERS[NanOnRankOne.name] = NanOnRankOne
     result = train(load_config(sys.argv[1]))
     state = {"student": result.student.state_dict(), "metrics": result.metrics}
     torch.save(state, os.path.join(sys.argv[2], "rank%s.pt" % os.environ["RANK"]))
 ''')
+# Worker scripts import the test helpers from here.
+WORKER_ENV = {**os.environ, "FASTKD_TESTS_DIR": str(TESTS_DIR)}
 
 
 def test_two_process_gloo_training_agrees_across_ranks(tmp_path):
@@ -58,7 +55,7 @@ def test_two_process_gloo_training_agrees_across_ranks(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          str(tmp_path / "worker.py"), str(tmp_path / "cfg.yaml"), str(tmp_path)],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=300, env=WORKER_ENV)
     assert done.returncode == 0, done.stderr[-4000:]
 
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
@@ -263,7 +260,7 @@ def run_two_agents(command: list[str], *, env: dict | None = None, extra: tuple 
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
          "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=fastkd-test", *extra,
          *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, **(env or {})}) for _ in range(2)]
+        env={**WORKER_ENV, **(env or {})}) for _ in range(2)]
     outputs = [agent.communicate(timeout=300) for agent in agents]
     for agent, (_, err) in zip(agents, outputs):
         assert agent.returncode == 0, err[-4000:]
@@ -289,23 +286,19 @@ def test_two_nodes_over_c10d_rendezvous_write_one_run(tmp_path):
 # KILL_AT-th training step of the first attempt; torchrun --max-restarts=1 restarts both.
 KILLED_ONCE_WORKER = textwrap.dedent('''
     import os, signal, sys
+    sys.path.insert(0, os.environ["FASTKD_TESTS_DIR"])
     from fastkd.cli import main
     from fastkd.distillers import DISTILLERS
-    from fastkd.distillers.base import Vanilla
+    from run_helpers import StepHookMethod
 
-    class KilledOnce(Vanilla):
+    class KilledOnce(StepHookMethod):
         name = "killed_once_test"
 
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.steps = 0
-
-        def forward(self, images, labels, *, epoch=1.0, indices=None):
-            self.steps += self.training
+        def at_step(self, step, logits, terms):
             first_attempt = os.environ["TORCHELASTIC_RESTART_COUNT"] == "0"
-            if first_attempt and os.environ["RANK"] == "1" and self.steps == int(os.environ["KILL_AT"]):
+            if first_attempt and os.environ["RANK"] == "1" and step == int(os.environ["KILL_AT"]):
                 os.kill(os.getpid(), signal.SIGKILL)
-            return super().forward(images, labels, epoch=epoch, indices=indices)
+            return terms
 
     DISTILLERS[KilledOnce.name] = KilledOnce
     sys.exit(main(["train"] + sys.argv[1:]))

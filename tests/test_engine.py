@@ -19,7 +19,7 @@ from fastkd.distillers import DISTILLERS, UnsupportedPair
 from fastkd.distillers.base import Vanilla
 from fastkd.engine import NonFiniteLoss, RunResult, evaluate_config, top_k_hits, train
 
-from run_helpers import (assert_student_loads_into_timm, make_image_folder,
+from run_helpers import (StepHookMethod, assert_student_loads_into_timm, make_image_folder,
                          read_summary, teacher_checkpoint, write_config)
 
 
@@ -124,20 +124,14 @@ def test_top_k_hits_excludes_padding_and_reads_soft_labels():
 # ------------------------------------------------------------------------------ non-finite guard
 
 
-class FlakyLoss(Vanilla):
+class FlakyLoss(StepHookMethod):
     """The student alone plus a term that is NaN for the first `bad_steps` calls."""
     name = "flaky_test"
     bad_steps = 0
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.calls = 0
-
-    def forward(self, images, labels, *, epoch=1.0, indices=None):
-        logits, terms = super().forward(images, labels, epoch=epoch, indices=indices)
-        self.calls += 1
-        value = float("nan") if self.calls <= self.bad_steps else 0.0
-        return logits, {**terms, "loss_flaky": torch.tensor(value, device=logits.device)}
+    def at_step(self, step, logits, terms):
+        value = float("nan") if step <= self.bad_steps else 0.0
+        return {**terms, "loss_flaky": torch.tensor(value, device=logits.device)}
 
 
 @pytest.fixture
