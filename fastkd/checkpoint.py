@@ -270,6 +270,13 @@ def restore_training_state(checkpoint: dict, *, distiller: nn.Module, optimizer,
     return TrainPosition(**checkpoint["position"])
 
 
+# ---------------------------------------------------------------------------- resume config
+
+# Keys that may change when resuming: they change neither the meaning of the saved state nor
+# the data each step sees. Everything else (model, method, optimizer, batch size, schedule
+# shape, augmentation, seed, AMP...) would silently train a different run than the one the
+# checkpoint belongs to. `train.epochs` is allowed on purpose (extend a run); the LR schedule
+# is then rebuilt for the new length. output.dir/name are ignored: the run directory is given.
 RESUMABLE_KEYS = frozenset({
     "train.epochs", "train.log_interval", "train.eval_interval", "train.checkpoint_interval",
     "train.max_nonfinite", "data.root", "data.num_workers", "output.tensorboard",

@@ -76,8 +76,9 @@ def init_world(device_preference: str = "auto") -> World:
         extra = {"device_id": device} if device_type == "cuda" else {}
         dist.init_process_group(backend, rank=rank, world_size=world_size, **extra)
         owns_group = True
-        if rank == 0 and restart_store_warning():
-            warnings.warn(restart_store_warning(), stacklevel=2)
+        warning = restart_store_warning()
+        if rank == 0 and warning:
+            warnings.warn(warning, stacklevel=2)
     return World(rank=rank, local_rank=local_rank, world_size=world_size, device=device,
                  owns_group=owns_group)
 

@@ -18,7 +18,6 @@ the checkpoint carries every rank's RNG states, restored at the very point they 
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,15 +177,6 @@ def resume_training(setup: TrainingSetup, checkpoint: dict
         return position, meters, rng_states[setup.world.rank]
     position.global_step = (position.epoch - 1) * setup.steps_per_epoch
     return position, {}, None   # an epoch boundary: no running sums
-
-
-# ---------------------------------------------------------------------------- resume config
-
-# Keys that may change when resuming: they change neither the meaning of the saved state nor
-# the data each step sees. Everything else (model, method, optimizer, batch size, schedule
-# shape, augmentation, seed, AMP...) would silently train a different run than the one the
-# checkpoint belongs to. `train.epochs` is allowed on purpose (extend a run); the LR schedule
-# is then rebuilt for the new length. output.dir/name are ignored: the run directory is given.
 
 
 def save_state(setup: TrainingSetup, state: RunState, *, also: str | None = None) -> None:
